@@ -1,0 +1,66 @@
+#pragma once
+// Argument checks shared by every op. Each message names the op, the argument,
+// the value it got and what would be accepted.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "core/codebook.h"
+
+namespace lowbit {
+
+#define LOWBIT_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+
+inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  LOWBIT_CHECK(t.defined(), op, ": argument '", name, "' is an undefined tensor");
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  check_defined(op, name, t);
+  LOWBIT_CHECK(t.scalar_type() == want, op, ": argument '", name, "' must have dtype ", want,
+               ", got ", t.scalar_type());
+}
+
+inline void check_float_dtype(const char* op, const char* name, at::ScalarType dt) {
+  LOWBIT_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": argument '", name,
+               "' must be float32, float16 or bfloat16, got ", dt);
+}
+
+inline void check_numel(const char* op, const char* name, const at::Tensor& t, int64_t want) {
+  LOWBIT_CHECK(t.numel() == want, op, ": argument '", name, "' must have ", want,
+               " elements, got ", t.numel(), " (shape ", t.sizes(), ")");
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const at::Tensor& ref, const char* ref_name) {
+  LOWBIT_CHECK(t.device() == ref.device(), op, ": argument '", name, "' is on ", t.device(),
+               " but '", ref_name, "' is on ", ref.device(), "; move both to the same device");
+}
+
+inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// Block sizes the 4-bit format allows (and the 8-bit blockwise ops accept).
+inline void check_blocksize(const char* op, const char* name, int64_t blocksize) {
+  LOWBIT_CHECK(is_power_of_two(blocksize) && blocksize >= 32 && blocksize <= 4096, op,
+               ": argument '", name, "' must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ",
+               blocksize);
+}
+
+inline core::QuantType parse_quant_type(const char* op, const std::string& qt) {
+  if (qt == "nf4") return core::QuantType::NF4;
+  if (qt == "fp4") return core::QuantType::FP4;
+  LOWBIT_CHECK(false, op, ": argument 'quant_type' must be 'nf4' or 'fp4', got '", qt, "'");
+  return core::QuantType::NF4;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace lowbit
+
+// Dispatch over the three floating types lowbit accepts (fp32, fp16, bf16).
+#include <ATen/Dispatch.h>
+#define LOWBIT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

@@ -1,0 +1,24 @@
+"""lowbit: QLoRA toolkit for PyTorch.
+
+NF4/FP4 4-bit weights with double-quantized scales (byte-compatible with
+bitsandbytes checkpoints), 4-bit matmul kernels, and the Python around them.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the op library: torch.ops.lowbit)
+from . import ops  # noqa: F401  (fake kernels and autograd registrations)
+from . import functional
+from ._info import cuda_available, info
+from .functional import QuantState, dequantize_4bit, quantize_4bit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantState",
+    "cuda_available",
+    "dequantize_4bit",
+    "functional",
+    "info",
+    "ops",
+    "quantize_4bit",
+]

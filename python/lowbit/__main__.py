@@ -1,0 +1,3 @@
+from . import info
+
+print(info())

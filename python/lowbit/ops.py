@@ -1,0 +1,82 @@
+"""Typed wrappers over torch.ops.lowbit and the fake (meta) kernels that let
+the ops run under FakeTensor, torch.compile and torch.export.
+
+The schemas live in C++ (csrc/registration.cpp); this file adds only what the
+Python side must: shape functions and autograd formulas.
+"""
+from typing import Optional, Sequence
+
+import torch
+
+_lib = torch.ops.lowbit
+
+
+def _nblocks(n, blocksize):
+    return -(-n // blocksize)
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("lowbit::quantize_4bit")
+def _(A, blocksize, quant_type):
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = A.new_empty((_nblocks(n, blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("lowbit::dequantize_4bit")
+def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::quantize_8bit_blockwise")
+def _(A, code, blocksize):
+    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((_nblocks(A.numel(), blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("lowbit::dequantize_8bit_blockwise")
+def _(A, absmax, code, blocksize, dtype):
+    return A.new_empty(A.shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------- wrappers
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """Packed uint8 codes [(n+1)//2, 1] and float32 absmax per block."""
+    return _lib.quantize_4bit(A, blocksize, quant_type)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    return _lib.dequantize_4bit(
+        packed, absmax, code, blocksize, list(shape), dtype, nested_absmax, nested_code, offset, nested_blocksize
+    )
+
+
+def quantize_8bit_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int = 256):
+    return _lib.quantize_8bit_blockwise(A, code, blocksize)
+
+
+def dequantize_8bit_blockwise(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return _lib.dequantize_8bit_blockwise(A, absmax, code, blocksize, dtype)
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256-entry 8-bit dynamic map (float32, CPU), as bitsandbytes builds it."""
+    return _lib.dynamic_map(signed)
