@@ -202,7 +202,7 @@ class QuantState:
 
         absmax = need("absmax")
         code = need("quant_map")
-        nested = "nested_absmax" in meta or prefix + "nested_absmax" in sd
+        nested = "nested_offset" in meta or prefix + "nested_absmax" in sd
         kw = {}
         if nested:
             for k in ("nested_offset", "nested_blocksize"):
