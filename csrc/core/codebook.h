@@ -113,7 +113,9 @@ LOWBIT_HD float absmax_finish(float m) { return m == __builtin_inff() ? __builti
 LOWBIT_HD uint8_t encode_8bit(const float* code, float x) {
   // Largest index whose entry is <= x (0 if none): 8 halving steps.
   int lo = 0;
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int step = 128; step > 0; step >>= 1) {
     const int probe = lo + step;
     if (probe < 256 && code[probe] <= x) lo = probe;
