@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU check of the whole package on a CUDA machine: build in place, the test
+# suite, compute-sanitizer over the kernels, and the benchmarks. Logs go to
+# $LOG_DIR (default ./gpu-logs). Usage: bash tests/gpu/run_all.sh [pytest args]
+set -uo pipefail
+LOG_DIR=${LOG_DIR:-gpu-logs}
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo "== $1"; }
+
+step build
+MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python3 setup.py build_ext --inplace \
+  > "$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log"; exit 1; }
+PYTHONPATH=python python3 -m lowbit | tee "$LOG_DIR/info.log"
+
+step pytest
+python3 -m pytest -q -rs "${@:-tests}" 2>&1 | tee "$LOG_DIR/pytest.log" | tail -25 || status=1
+
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  for tool in memcheck racecheck initcheck synccheck; do
+    step "compute-sanitizer $tool"
+    for script in tests/gpu/sanitize_*.py; do
+      PYTHONPATH=python compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$script" \
+        > "$LOG_DIR/sanitizer-$tool-$(basename "$script" .py).log" 2>&1
+      rc=$?
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|matched" "$LOG_DIR/sanitizer-$tool-$(basename "$script" .py).log" | sed "s/^/$tool $(basename "$script"): /"
+      [ $rc -eq 0 ] || status=1
+    done
+  done
+fi
+
+if [ -n "${BENCH_MODE:-}" ]; then
+  step "benchmarks ($BENCH_MODE)"
+  PYTHONPATH=python python3 benchmarks/bench.py --mode "$BENCH_MODE" --json "$LOG_DIR/bench.json" 2>&1 | tee "$LOG_DIR/bench.log" || status=1
+fi
+exit $status
