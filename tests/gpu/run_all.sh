@@ -12,7 +12,7 @@ step() { echo "== $1"; }
 step build
 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python3 setup.py build_ext --inplace \
   > "$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log"; exit 1; }
-PYTHONPATH=python python3 -m lowbit | tee "$LOG_DIR/info.log"
+PYTHONPATH="python:${PYTHONPATH:-}" python3 -m lowbit | tee "$LOG_DIR/info.log"
 
 step pytest
 python3 -m pytest -q -rs "${@:-tests}" 2>&1 | tee "$LOG_DIR/pytest.log" | tail -25 || status=1
@@ -21,7 +21,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   for tool in memcheck racecheck initcheck synccheck; do
     step "compute-sanitizer $tool"
     for script in tests/gpu/sanitize_*.py; do
-      PYTHONPATH=python compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$script" \
+      PYTHONPATH="python:${PYTHONPATH:-}" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$script" \
         > "$LOG_DIR/sanitizer-$tool-$(basename "$script" .py).log" 2>&1
       rc=$?
       grep -E "ERROR SUMMARY|RACECHECK SUMMARY|matched" "$LOG_DIR/sanitizer-$tool-$(basename "$script" .py).log" | sed "s/^/$tool $(basename "$script"): /"
@@ -32,6 +32,6 @@ fi
 
 if [ -n "${BENCH_MODE:-}" ]; then
   step "benchmarks ($BENCH_MODE)"
-  PYTHONPATH=python python3 benchmarks/bench.py --mode "$BENCH_MODE" --json "$LOG_DIR/bench.json" 2>&1 | tee "$LOG_DIR/bench.log" || status=1
+  PYTHONPATH="python:${PYTHONPATH:-}" python3 benchmarks/bench.py --mode "$BENCH_MODE" --json "$LOG_DIR/bench.json" 2>&1 | tee "$LOG_DIR/bench.log" || status=1
 fi
 exit $status

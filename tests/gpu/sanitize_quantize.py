@@ -12,7 +12,7 @@ def main():
     dev = "cuda"
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for bs in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            for n in (1, 7, 33, bs + 3, 3 * bs + 1, 5000):
+            for n in (7, 3 * bs + 1, 5000):
                 for qt in ("nf4", "fp4"):
                     x = torch.randn(n, device=dev, dtype=dtype)
                     p, st = F.quantize_4bit(x, bs, qt, double_quant=True)
