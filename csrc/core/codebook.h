@@ -37,53 +37,51 @@ static constexpr float kFP4Values[16] = {LOWBIT_FP4_VALUES};
 // the code of every element of an all-zero block.
 LOWBIT_HD uint8_t zero_code(QuantType qt) { return qt == QuantType::NF4 ? 7 : 0; }
 
-// Nearest NF4 code of a value already scaled into [-1, 1]. The thresholds are
-// the float32 midpoints between neighbouring code values; a value equal to a
-// midpoint goes to the lower code (strict comparisons). NaN gives code 0.
-LOWBIT_HD uint8_t encode_nf4(float s) {
-  uint8_t c = 0;
-  c += s > -0.8480964004993439f;
-  c += s > -0.6106329262256622f;
-  c += s > -0.4599952697753906f;
-  c += s > -0.33967943489551544f;
-  c += s > -0.23460740596055984f;
-  c += s > -0.13791173323988914f;
-  c += s > -0.045525018125772476f;
-  c += s > 0.03979014977812767f;
-  c += s > 0.1202552504837513f;
-  c += s > 0.2035212516784668f;
-  c += s > 0.2920137718319893f;
-  c += s > 0.3893125355243683f;
-  c += s > 0.5016634166240692f;
-  c += s > 0.6427869200706482f;
-  c += s > 0.8614784181118011f;
-  return c;
+// float32 midpoints between neighbouring NF4 values, ascending.
+#define LOWBIT_NF4_MIDPOINTS                                                                \
+  -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,  \
+      -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f,                 \
+      0.03979014977812767f, 0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f,  \
+      0.3893125355243683f, 0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f
+
+// bnb-FP4 magnitude thresholds, ascending: the float constants bitsandbytes'
+// CUDA kernel compares against (near-midpoints of the sorted magnitudes
+// {0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1}).
+#define LOWBIT_FP4_THRESHOLDS 0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f
+
+static constexpr float kNF4Midpoints[15] = {LOWBIT_NF4_MIDPOINTS};
+static constexpr float kFP4Thresholds[7] = {LOWBIT_FP4_THRESHOLDS};
+
+// Nearest NF4 code of a value already scaled into [-1, 1]: the number of
+// midpoints strictly below s, found in four probes of a binary search (a value
+// equal to a midpoint goes to the lower code; NaN gives code 0). `mids` is
+// kNF4Midpoints or a copy of it (in shared memory on the GPU).
+LOWBIT_HD uint8_t encode_nf4(const float* mids, float s) {
+  int c = s > mids[7] ? 8 : 0;
+  c += s > mids[c + 3] ? 4 : 0;
+  c += s > mids[c + 1] ? 2 : 0;
+  c += s > mids[c] ? 1 : 0;
+  return static_cast<uint8_t>(c);
 }
 
-// Nearest bnb-FP4 code of a scaled value. The magnitude thresholds are the
-// float32 constants bitsandbytes compares against (midpoints of the sorted
-// magnitudes {0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1}); -0.0 keeps sign bit 0.
-LOWBIT_HD uint8_t encode_fp4(float s) {
-  const uint8_t sign = s < 0.0f ? 8 : 0;
+// Nearest bnb-FP4 code: bit 3 is the sign (set for s < 0, so -0.0 keeps 0),
+// the magnitude bucket (thresholds below |s|, three probes) maps to the low
+// bits through the nibbles of 0x32547610: buckets 0..7 -> codes 0,1,6,7,4,5,2,3.
+LOWBIT_HD uint8_t encode_fp4(const float* thresholds, float s) {
+  const uint32_t sign = s < 0.0f ? 8u : 0u;
   const float a = s < 0.0f ? -s : s;
-  uint8_t m;
-  if (a > 0.29166667f) {
-    if (a > 0.583333f) {
-      m = a > 0.8333333f ? 3 : 2;
-    } else {
-      m = a > 0.4166667f ? 5 : 4;
-    }
-  } else if (a > 0.0859375f) {
-    m = a > 0.20833333f ? 7 : 6;
-  } else {
-    m = a > 0.00260417f ? 1 : 0;
-  }
-  return m | sign;
+  int b = a > thresholds[3] ? 4 : 0;
+  b += a > thresholds[b + 1] ? 2 : 0;
+  b += a > thresholds[b] ? 1 : 0;
+  return static_cast<uint8_t>(((0x32547610u >> (4 * b)) & 0xFu) | sign);
 }
 
-LOWBIT_HD uint8_t encode_4bit(QuantType qt, float s) {
-  return qt == QuantType::NF4 ? encode_nf4(s) : encode_fp4(s);
+// `table` is the quant type's search table: kNF4Midpoints or kFP4Thresholds.
+LOWBIT_HD uint8_t encode_4bit(QuantType qt, const float* table, float s) {
+  return qt == QuantType::NF4 ? encode_nf4(table, s) : encode_fp4(table, s);
 }
+
+inline const float* encode_table(QuantType qt) { return qt == QuantType::NF4 ? kNF4Midpoints : kFP4Thresholds; }
 
 // Scale factor applied to a block: the reciprocal of its absmax (a multiply,
 // as bnb does, not a divide). An all-zero block (absmax 0) scales by 0 so every

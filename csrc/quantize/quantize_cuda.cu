@@ -95,8 +95,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
     s.absmax = w.absmax.const_data_ptr<float>();
   }
   const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
-  const bool vec_in = (reinterpret_cast<uintptr_t>(q) & 7u) == 0;
-  const unsigned grid = grid_for(ceil_div(n, 16));
+  const bool vec_in = (reinterpret_cast<uintptr_t>(q) & 3u) == 0;
+  const unsigned grid = grid_for(ceil_div(ceil_div(n, 8), cuda::kDequantChunks));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int shift = log2_int(blocksize);
   LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_4bit_cuda", [&] {

@@ -11,14 +11,29 @@ namespace cuda {
 
 using core::QuantType;
 
+// Search tables of the encoders, copied into shared memory by each block: the
+// lanes of a warp probe different entries, and 16 entries in 16 banks never
+// conflict (constant memory would serialise divergent addresses).
+static __constant__ float kNF4MidpointsDev[15] = {LOWBIT_NF4_MIDPOINTS};
+static __constant__ float kFP4ThresholdsDev[7] = {LOWBIT_FP4_THRESHOLDS};
+
+template <QuantType QT>
+__device__ __forceinline__ void load_encode_table(float* table) {
+  if (threadIdx.x < 16) {
+    const int i = threadIdx.x;
+    table[i] = QT == QuantType::NF4 ? kNF4MidpointsDev[i < 15 ? i : 14] : kFP4ThresholdsDev[i < 7 ? i : 6];
+  }
+  __syncthreads();
+}
+
 // Packs the codes of 8 scaled values: element 2j in the high nibble of byte j.
 template <QuantType QT>
-__device__ __forceinline__ uint32_t encode8(const float v[8], float inv) {
+__device__ __forceinline__ uint32_t encode8(const float* table, const float v[8], float inv) {
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t hi = core::encode_4bit(QT, v[2 * j] * inv);
-    const uint32_t lo = core::encode_4bit(QT, v[2 * j + 1] * inv);
+    const uint32_t hi = core::encode_4bit(QT, table, v[2 * j] * inv);
+    const uint32_t lo = core::encode_4bit(QT, table, v[2 * j + 1] * inv);
     word |= ((hi << 4) | lo) << (8 * j);
   }
   return word;
@@ -48,6 +63,8 @@ __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __res
                                                                    float* __restrict__ absmax) {
   static_assert(BS % 8 == 0 && BS / 8 <= 32, "block must fit one warp");
   constexpr int TPB = BS / 8;
+  __shared__ float table[16];
+  load_encode_table<QT>(table);
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   float v[8];
   load8(x, base, n, vec, v);
@@ -58,7 +75,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __res
   for (int off = TPB / 2; off > 0; off >>= 1) m = core::absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, off));
   const float am = core::absmax_finish(m);
   if (base < n && (threadIdx.x % TPB) == 0) absmax[base / BS] = am;
-  if (base < n) store_packed4(packed, base, (n + 1) / 2, encode8<QT>(v, core::inverse_scale(am)));
+  if (base < n) store_packed4(packed, base, (n + 1) / 2, encode8<QT>(table, v, core::inverse_scale(am)));
 }
 
 // Block sizes from 512: one warp per quantization block, two passes (the
@@ -68,6 +85,8 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
                                                                    int64_t nblocks, uint8_t* __restrict__ packed,
                                                                    float* __restrict__ absmax) {
   constexpr int CHUNKS = BS / 256;  // 8-element chunks per lane
+  __shared__ float table[16];
+  load_encode_table<QT>(table);
   const int64_t block = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (block >= nblocks) return;
@@ -89,7 +108,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
     const int64_t base = start + (c * 32 + lane) * 8;
     if (base >= n) break;
     load8(x, base, n, vec, v);
-    store_packed4(packed, base, nbytes, encode8<QT>(v, inv));
+    store_packed4(packed, base, nbytes, encode8<QT>(table, v, inv));
   }
 }
 
@@ -115,8 +134,13 @@ __device__ __forceinline__ float load_scale(const ScaleArgs& s, int64_t block) {
   }
 }
 
-// Each thread turns 8 packed bytes (16 elements, one 8-byte load) into 16
-// outputs. blocksize >= 32, so the 16 elements share one scale.
+// Dequantize: the tensor is cut into chunks of 8 elements (4 packed bytes,
+// 16 output bytes in 16-bit types). Lane l of a warp takes chunks
+// warp_base + 32*j + l for j < kDequantChunks, so every load and store
+// instruction of the warp is contiguous, and a thread has all its loads in
+// flight before it decodes. blocksize >= 32: a chunk never straddles blocks.
+constexpr int kDequantChunks = 4;
+
 template <typename OutT, bool NESTED>
 __global__ void __launch_bounds__(256) dequantize_4bit_kernel(const uint8_t* __restrict__ packed, int64_t n,
                                                               bool vec_in, bool vec_out,
@@ -125,32 +149,38 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel(const uint8_t* __r
   __shared__ float cb[16];
   if (threadIdx.x < 16) cb[threadIdx.x] = code[threadIdx.x];
   __syncthreads();
-  const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 16;
-  if (base >= n) return;
-  const float scale = load_scale<NESTED>(s, base >> block_shift);
-  float v[16];
-  if (vec_in && base + 16 <= n) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(packed + base / 2);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = (tid / 32) * (32 * kDequantChunks) + (tid % 32);
+  const int64_t full_chunks = n / 8;
+  uint32_t words[kDequantChunks];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint32_t byte = ((k < 4 ? raw.x : raw.y) >> (8 * (k % 4))) & 0xFF;
-      v[2 * k] = cb[byte >> 4] * scale;
-      v[2 * k + 1] = cb[byte & 0xF] * scale;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int64_t i = base + k;
-      float val = 0.0f;
-      if (i < n) {
-        const uint8_t byte = packed[i / 2];
-        val = cb[(i & 1) ? (byte & 0xF) : (byte >> 4)] * scale;
-      }
-      v[k] = val;
-    }
+  for (int j = 0; j < kDequantChunks; ++j) {
+    const int64_t c = first + 32 * j;
+    words[j] = (vec_in && c < full_chunks) ? __ldg(reinterpret_cast<const uint32_t*>(packed) + c) : 0u;
   }
-  store8(out, base, n, vec_out, v);
-  store8(out, base + 8, n, vec_out, v + 8);
+#pragma unroll
+  for (int j = 0; j < kDequantChunks; ++j) {
+    const int64_t base = (first + 32 * j) * 8;
+    if (base >= n) break;
+    const float scale = load_scale<NESTED>(s, base >> block_shift);
+    float v[8];
+    if (vec_in && base + 8 <= n) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t byte = (words[j] >> (8 * k)) & 0xFF;
+        v[2 * k] = cb[byte >> 4] * scale;
+        v[2 * k + 1] = cb[byte & 0xF] * scale;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int64_t i = base + k;
+        const uint8_t byte = i < n ? packed[i / 2] : 0;
+        v[k] = cb[(i & 1) ? (byte & 0xF) : (byte >> 4)] * scale;
+      }
+    }
+    store8(out, base, n, vec_out, v);
+  }
 }
 
 // Blockwise 8-bit quantization: one warp per block, lanes stride through it

@@ -44,20 +44,25 @@ TEST_CASE("NF4 table is sorted with 0 at code 7 and +-1 at the ends") {
 TEST_CASE("encode_nf4 is the nearest code, ties to the lower one") {
   for (float x : sweep(200000, -1.1f, 1.1f)) {
     INFO("x = " << x);
-    REQUIRE(encode_nf4(x) == brute_nearest(kNF4Values, 16, x));
+    REQUIRE(encode_nf4(kNF4Midpoints, x) == brute_nearest(kNF4Values, 16, x));
   }
   // The midpoints themselves are the ties.
   const float mids[] = {-0.8480964004993439f, 0.03979014977812767f, 0.8614784181118011f};
-  REQUIRE(encode_nf4(mids[0]) == 0);
-  REQUIRE(encode_nf4(std::nextafter(mids[0], 1.0f)) == 1);
-  REQUIRE(encode_nf4(mids[1]) == 7);
-  REQUIRE(encode_nf4(mids[2]) == 14);
-  REQUIRE(encode_nf4(std::numeric_limits<float>::quiet_NaN()) == 0);
+  REQUIRE(encode_nf4(kNF4Midpoints, mids[0]) == 0);
+  REQUIRE(encode_nf4(kNF4Midpoints, std::nextafter(mids[0], 1.0f)) == 1);
+  REQUIRE(encode_nf4(kNF4Midpoints, mids[1]) == 7);
+  REQUIRE(encode_nf4(kNF4Midpoints, mids[2]) == 14);
+  REQUIRE(encode_nf4(kNF4Midpoints, std::numeric_limits<float>::quiet_NaN()) == 0);
+  // Every midpoint is a tie that goes down; the next float up goes to the next code.
+  for (int i = 0; i < 15; ++i) {
+    REQUIRE(encode_nf4(kNF4Midpoints, kNF4Midpoints[i]) == i);
+    REQUIRE(encode_nf4(kNF4Midpoints, std::nextafter(kNF4Midpoints[i], 2.0f)) == i + 1);
+  }
 }
 
 TEST_CASE("encode_fp4 decodes back to the nearest magnitude with the sign bit") {
   for (float x : sweep(100000, -1.0f, 1.0f)) {
-    const uint8_t c = encode_fp4(x);
+    const uint8_t c = encode_fp4(kFP4Thresholds, x);
     const float v = kFP4Values[c];
     // Nearest up to the CUDA kernel's rounded thresholds: within 1e-6 of the best distance.
     float best = 10.0f;
@@ -67,8 +72,24 @@ TEST_CASE("encode_fp4 decodes back to the nearest magnitude with the sign bit") 
     if (x < 0.0f) REQUIRE((c & 8) == 8);
     if (x > 0.0f) REQUIRE((c & 8) == 0);
   }
-  REQUIRE(encode_fp4(0.0f) == 0);
-  REQUIRE(encode_fp4(-0.0f) == 0);
+  REQUIRE(encode_fp4(kFP4Thresholds, 0.0f) == 0);
+  REQUIRE(encode_fp4(kFP4Thresholds, -0.0f) == 0);
+  // bnb's decision tree, written out, agrees with the bucket search everywhere.
+  auto tree = [](float x) {
+    const int sign = x < 0 ? 8 : 0;
+    x = std::fabs(x);
+    if (x > 0.29166667f) {
+      if (x > 0.583333f) return (x > 0.8333333f ? 3 : 2) + sign;
+      return (x > 0.4166667f ? 5 : 4) + sign;
+    }
+    if (x > 0.0859375f) return (x > 0.20833333f ? 7 : 6) + sign;
+    return (x > 0.00260417f ? 1 : 0) + sign;
+  };
+  for (float x : sweep(400000, -1.1f, 1.1f)) REQUIRE(encode_fp4(kFP4Thresholds, x) == tree(x));
+  for (float t : kFP4Thresholds) {
+    REQUIRE(encode_fp4(kFP4Thresholds, t) == tree(t));
+    REQUIRE(encode_fp4(kFP4Thresholds, std::nextafter(t, 2.0f)) == tree(std::nextafter(t, 2.0f)));
+  }
 }
 
 TEST_CASE("dynamic maps: sorted, signed range and endpoints") {
@@ -120,8 +141,8 @@ TEST_CASE("blockwise 4-bit: absmax, packing order, odd tail, zero block, non-fin
   for (int i = 32; i < 64; ++i) REQUIRE(packed[i] == 0x77);
   // element 2j in the high nibble
   const float inv = 1.0f / absmax[0];
-  REQUIRE((packed[0] >> 4) == encode_nf4(x[0] * inv));
-  REQUIRE((packed[0] & 0xF) == encode_nf4(x[1] * inv));
+  REQUIRE((packed[0] >> 4) == encode_nf4(kNF4Midpoints, x[0] * inv));
+  REQUIRE((packed[0] & 0xF) == encode_nf4(kNF4Midpoints, x[1] * inv));
   // odd tail: the last low nibble is the code of 0.0
   REQUIRE((packed.back() & 0xF) == 7);
 
