@@ -38,6 +38,22 @@ TORCH_LIBRARY(lowbit, m) {
       "dequantize_8bit_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, "
       "ScalarType dtype) -> Tensor");
   m.def("dynamic_map(bool signed) -> Tensor", &dynamic_map);
+
+  // ---- gemm/ : 4-bit weight matmul (forward and the backward for x) ----
+  // out[..., N] = x[..., K] @ dequant(W)[N, K]^T (+ bias); W is the packed
+  // 4-bit weight with the scale arguments of dequantize_4bit, in its order.
+  // out has x's dtype; bias (optional) is [N] in x's dtype.
+  m.def(
+      "gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt N, SymInt K, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256, "
+      "Tensor? bias=None) -> Tensor");
+  // out[..., K] = g[..., N] @ dequant(W)[N, K]: the gradient of gemm_4bit
+  // with respect to x.
+  m.def(
+      "gemm_4bit_t(Tensor g, Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt N, SymInt K, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) "
+      "-> Tensor");
+  // ---- end gemm/ ----
 }
 
 // lowbit._C is a plain extension module: loading it runs the registrations

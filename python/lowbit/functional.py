@@ -346,3 +346,19 @@ def dequantize_blockwise(
     if code is None:
         code = get_dynamic_map(True, q.device)
     return ops.dequantize_8bit_blockwise(q, absmax, code, blocksize, dtype)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None):
+    """x[..., K] @ W^T (+ bias) for the 4-bit weight W [N, K] described by `state`.
+
+    The result has x's dtype; gradients flow to x and bias (the weight is
+    frozen). Shape metadata is taken from `state`, so no device work happens
+    before the kernel.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D weight [out_features, in_features], got shape {list(state.shape)}")
+    N, K = state.shape
+    return ops.gemm_4bit(x, packed, state.absmax, state.code, state.blocksize, N, K, state.nested_absmax,
+                         state.nested_code, state.offset, state.nested_blocksize, bias)

@@ -80,3 +80,93 @@ def dequantize_8bit_blockwise(
 def dynamic_map(signed: bool = True) -> torch.Tensor:
     """The 256-entry 8-bit dynamic map (float32, CPU), as bitsandbytes builds it."""
     return _lib.dynamic_map(signed)
+
+
+# ---------------------------------------------------------------- gemm: 4-bit weight matmul
+
+
+@torch.library.register_fake("lowbit::gemm_4bit")
+def _(x, packed, absmax, code, blocksize, N, K, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256, bias=None):
+    torch._check(x.shape[-1] == K, lambda: f"lowbit.gemm_4bit: x.shape[-1] must be K = {K}, got {x.shape[-1]}")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("lowbit::gemm_4bit_t")
+def _(g, packed, absmax, code, blocksize, N, K, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256):
+    torch._check(g.shape[-1] == N, lambda: f"lowbit.gemm_4bit_t: g.shape[-1] must be N = {N}, got {g.shape[-1]}")
+    return g.new_empty((*g.shape[:-1], K))
+
+
+_FROZEN_ARGS = {2: "absmax", 3: "code", 7: "nested_absmax", 8: "nested_code", 9: "offset"}
+
+
+def _gemm_4bit_setup_context(ctx, inputs, output):
+    x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset, nested_blocksize, bias = inputs
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset)
+    ctx.weight_meta = (blocksize, N, K, nested_blocksize)
+    ctx.has_bias = bias is not None
+
+
+def _needs_grad(ctx, i):
+    # Traced backward passes may hand a shorter tuple (trailing defaults dropped).
+    return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
+
+
+def _gemm_4bit_backward(ctx, grad_out):
+    for i, name in _FROZEN_ARGS.items():
+        if _needs_grad(ctx, i):
+            raise RuntimeError(
+                f"lowbit.gemm_4bit: the 4-bit weight is frozen: no gradient flows to its '{name}' "
+                "(call .requires_grad_(False) on it, or train a LoRA adapter beside the frozen weight)"
+            )
+    packed, absmax, code, nested_absmax, nested_code, offset = ctx.saved_tensors
+    blocksize, N, K, nested_blocksize = ctx.weight_meta
+    grad_x = grad_bias = None
+    if _needs_grad(ctx, 0):
+        grad_x = _lib.gemm_4bit_t(grad_out, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code,
+                                  offset, nested_blocksize)
+    if ctx.has_bias and _needs_grad(ctx, 11):
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("lowbit::gemm_4bit", _gemm_4bit_backward, setup_context=_gemm_4bit_setup_context)
+
+
+def gemm_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    N: int,
+    K: int,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x[..., K] @ dequant(W)[N, K]^T (+ bias), in x's dtype; differentiable in x and bias."""
+    return _lib.gemm_4bit(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset,
+                          nested_blocksize, bias)
+
+
+def gemm_4bit_t(
+    g: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    N: int,
+    K: int,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """g[..., N] @ dequant(W)[N, K], in g's dtype (the gradient of gemm_4bit in x)."""
+    return _lib.gemm_4bit_t(g, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset,
+                            nested_blocksize)

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Build, test, sanitize and time the 4-bit matmul on a CUDA machine. Logs go
+# to ${OUT:-/tmp/gemm_out}. Usage: bash benchmarks/gpu_verify_gemm.sh [--quick]
+set -o pipefail
+OUT=${OUT:-/tmp/gemm_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/smi.txt" 2>&1
+echo "commit $(cat .commit 2>/dev/null || git rev-parse --short HEAD)" >> "$OUT/smi.txt"
+time MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+# The graph-capture tests in a process of their own, so one failure cannot hide the rest.
+$PY -X faulthandler -m pytest -v tests/test_gemm.py -k "not graph_capture" 2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed|Fatal|test_gemm.py::" | grep -v PASSED | tail -15
+$PY -X faulthandler -m pytest -v tests/test_gemm.py -k "graph_capture" 2>&1 | tee "$OUT/tests_graph.log" | tail -8
+for tool in memcheck racecheck; do
+  timeout 150 compute-sanitizer --tool $tool --print-limit 20 $PY benchmarks/gemm_sanitize_cases.py > "$OUT/$tool.log" 2>&1
+  echo "$tool: $(tail -2 "$OUT/$tool.log" | tr '\n' ' ')"
+done
+$PY benchmarks/bench_gemm.py "$@" --json "$OUT/bench.json" --png "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"

@@ -1,0 +1,274 @@
+// CUDA implementations of the 4-bit matmul ops. The path is chosen on the host
+// from M (rows of the activation, a host value: no synchronization):
+//   gemm_4bit   M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
+//               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
+//   gemm_4bit_t M <= 4, fp16/bf16, K % 16 == 0: fused transposed GEMV
+//               otherwise: dequantize + cuBLAS
+// Everything runs on the current stream; buffers come from the caching
+// allocator, so the ops are CUDA-graph capturable.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "gemm/gemm_common.h"
+#include "gemm/gemm_kernels.cuh"
+
+namespace lowbit {
+namespace {
+
+// Above this many rows the dequantize + cuBLAS path wins (the fused kernel
+// re-reads the weight for every 64 rows of x).
+constexpr int64_t kTcMaxM = 128;
+constexpr int64_t kGemvTMaxM = 4;
+
+int log2_int(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
+cuda::ScaleArgs scale_args(const WeightQuant& w) {
+  cuda::ScaleArgs s{};
+  if (w.nested()) {
+    s.absmax_q = w.absmax.const_data_ptr<uint8_t>();
+    s.nested_absmax = w.nested_absmax.const_data_ptr<float>();
+    s.nested_code = w.nested_code.const_data_ptr<float>();
+    s.offset = w.offset.const_data_ptr<float>();
+    s.nested_shift = log2_int(w.nested_blocksize);
+  } else {
+    s.absmax = w.absmax.const_data_ptr<float>();
+  }
+  return s;
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// The weight in `dtype`, [N, K], through the quantize family's dequantize kernel.
+at::Tensor dequantize_weight(const WeightQuant& w, int64_t N, int64_t K, at::ScalarType dtype, cudaStream_t stream) {
+  at::Tensor out = at::empty({N, K}, w.packed.options().dtype(dtype));
+  const int64_t n = N * K;
+  if (n == 0) return out;
+  const cuda::ScaleArgs s = scale_args(w);
+  const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
+  const bool vec_in = (reinterpret_cast<uintptr_t>(q) & 7u) == 0;
+  const unsigned grid = static_cast<unsigned>(ceil_div(ceil_div(n, 16), 256));
+  const int shift = log2_int(w.blocksize);
+  LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "gemm_dequantize_weight", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const bool vec_out = cuda::aligned16(o);
+    if (w.nested())
+      cuda::dequantize_4bit_kernel<scalar_t, true>
+          <<<grid, 256, 0, stream>>>(q, n, vec_in, vec_out, w.code.const_data_ptr<float>(), s, shift, o);
+    else
+      cuda::dequantize_4bit_kernel<scalar_t, false>
+          <<<grid, 256, 0, stream>>>(q, n, vec_in, vec_out, w.code.const_data_ptr<float>(), s, shift, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+bool tc_eligible(const GemmPlan& p) {
+  const auto dt = p.a.scalar_type();
+  return (dt == at::kHalf || dt == at::kBFloat16) && p.M <= kTcMaxM && p.K % cuda::gemm::kKIter == 0 &&
+         cuda::aligned16(p.a.const_data_ptr()) &&
+         cuda::aligned16(p.w.packed.const_data_ptr());
+}
+
+template <typename T, int MT, bool NESTED>
+void launch_tc_ch(const cuda::gemm::TcArgs& a, int ch, unsigned grid, cudaStream_t stream) {
+  const int smem = cuda::gemm::tc_smem_bytes(MT);
+  switch (ch) {
+    case 4:
+      cuda::gemm::gemm_4bit_tc_kernel<T, MT, 4, NESTED><<<grid, cuda::gemm::kTcThreads, smem, stream>>>(a);
+      break;
+    case 8:
+      cuda::gemm::gemm_4bit_tc_kernel<T, MT, 8, NESTED><<<grid, cuda::gemm::kTcThreads, smem, stream>>>(a);
+      break;
+    default:
+      cuda::gemm::gemm_4bit_tc_kernel<T, MT, 16, NESTED><<<grid, cuda::gemm::kTcThreads, smem, stream>>>(a);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int MT>
+void launch_tc_mt(const cuda::gemm::TcArgs& a, bool nested, int ch, unsigned grid, cudaStream_t stream) {
+  if (nested)
+    launch_tc_ch<T, MT, true>(a, ch, grid, stream);
+  else
+    launch_tc_ch<T, MT, false>(a, ch, grid, stream);
+}
+
+at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
+  using namespace cuda::gemm;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int mt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  const int sms = sm_count();
+  // Rows per block: enough that x (re-read by every block from L2) costs
+  // less than the weight stream, and no fewer blocks than the chip holds.
+  int rw = mt;
+  while (rw < kTcWarps && ceil_div(N, 16 * rw * 2) >= 2 * sms) rw *= 2;
+  const int row_tiles = static_cast<int>(ceil_div(N, 16 * rw));
+  const int m_chunks = static_cast<int>(ceil_div(M, mt * 8));
+  const int iters = static_cast<int>(K / kKIter);
+  const int kwarps = kTcWarps / rw;
+  int64_t blocks = static_cast<int64_t>(row_tiles) * m_chunks;
+  int splits = 1;
+  if (blocks * 2 < 3 * sms) {
+    splits = static_cast<int>(std::min<int64_t>(ceil_div(2 * sms, blocks), std::max(1, iters / kwarps)));
+  }
+  blocks *= splits;
+
+  at::Tensor out = at::empty({M, N}, p.a.options());
+  at::Tensor partial;
+  TcArgs a{};
+  a.x = p.a.const_data_ptr();
+  a.packed = p.w.packed.const_data_ptr<uint8_t>();
+  a.code = p.w.code.const_data_ptr<float>();
+  a.s = scale_args(p.w);
+  a.block_shift = log2_int(p.w.blocksize);
+  a.bias = p.bias.defined() ? p.bias.const_data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  if (splits > 1) {
+    partial = at::empty({splits, M, N}, p.a.options().dtype(at::kFloat));
+    a.partial = partial.data_ptr<float>();
+  }
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.K = static_cast<int>(K);
+  a.rw = rw;
+  a.row_tiles = row_tiles;
+  a.m_chunks = m_chunks;
+  a.splits = splits;
+  // Bytes per lane per chunk: a chunk must not cross a quantization block.
+  const int ch = static_cast<int>(std::min<int64_t>(p.w.blocksize, 128) / 8);
+  const bool nested = p.w.nested();
+  const unsigned grid = static_cast<unsigned>(blocks);
+  LOWBIT_CHECK(blocks < (int64_t{1} << 31), "lowbit.gemm_4bit: too many blocks");
+  AT_DISPATCH_SWITCH(p.a.scalar_type(), "gemm_4bit_tc", AT_DISPATCH_CASE(at::kHalf, [&] {
+                       switch (mt) {
+                         case 1: launch_tc_mt<scalar_t, 1>(a, nested, ch, grid, stream); break;
+                         case 2: launch_tc_mt<scalar_t, 2>(a, nested, ch, grid, stream); break;
+                         case 4: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
+                         default: launch_tc_mt<scalar_t, 8>(a, nested, ch, grid, stream); break;
+                       }
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       switch (mt) {
+                         case 1: launch_tc_mt<scalar_t, 1>(a, nested, ch, grid, stream); break;
+                         case 2: launch_tc_mt<scalar_t, 2>(a, nested, ch, grid, stream); break;
+                         case 4: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
+                         default: launch_tc_mt<scalar_t, 8>(a, nested, ch, grid, stream); break;
+                       }
+                     }));
+  if (splits > 1) {
+    const int64_t n = M * N;
+    AT_DISPATCH_SWITCH(p.a.scalar_type(), "gemm_4bit_reduce", AT_DISPATCH_CASE(at::kHalf, [&] {
+                         splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
+                             a.partial, splits, n, N, static_cast<const scalar_t*>(a.bias), out.data_ptr<scalar_t>());
+                       }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                         splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
+                             a.partial, splits, n, N, static_cast<const scalar_t*>(a.bias), out.data_ptr<scalar_t>());
+                       }));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize, int64_t N, int64_t K,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                          int64_t nested_blocksize, const std::optional<at::Tensor>& bias) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  GemmPlan p = plan_gemm_4bit("lowbit.gemm_4bit", false, x, packed, absmax, code, blocksize, N, K, nested_absmax,
+                              nested_code, offset, nested_blocksize, bias);
+  if (p.M == 0 || N == 0) return at::empty(p.out_shape, x.options());
+  if (K == 0) {
+    at::Tensor out = at::zeros({p.M, N}, x.options());
+    if (p.bias.defined()) out.add_(p.bias);
+    return out.reshape(p.out_shape);
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (tc_eligible(p)) return gemm_tc(p, stream).reshape(p.out_shape);
+  // Large M (or shapes the fused kernel does not take): the weight in x's
+  // dtype from the caching allocator, then one cuBLAS call.
+  at::Tensor wd = dequantize_weight(p.w, N, K, x.scalar_type(), stream);
+  at::Tensor out = p.bias.defined() ? at::addmm(p.bias, p.a, wd.t()) : at::mm(p.a, wd.t());
+  return out.reshape(p.out_shape);
+}
+
+at::Tensor gemv_t(const GemmPlan& p, cudaStream_t stream) {
+  using namespace cuda::gemm;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int slices = static_cast<int>(ceil_div(K, kGemvTSlice));
+  const int sms = sm_count();
+  // Enough blocks for about four per multiprocessor, at least 32 rows each.
+  const int64_t max_splits = std::max<int64_t>(1, N / 32);
+  const int splits = static_cast<int>(std::min<int64_t>(max_splits, std::max<int64_t>(1, ceil_div(4 * sms, slices))));
+  at::Tensor partial = at::empty({splits, M, K}, p.a.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({M, K}, p.a.options());
+  GemvTArgs a{};
+  a.g = p.a.const_data_ptr();
+  a.packed = p.w.packed.const_data_ptr<uint8_t>();
+  a.code = p.w.code.const_data_ptr<float>();
+  a.s = scale_args(p.w);
+  a.block_shift = log2_int(p.w.blocksize);
+  a.partial = partial.data_ptr<float>();
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.K = static_cast<int>(K);
+  a.slices = slices;
+  a.splits = splits;
+  const unsigned grid = static_cast<unsigned>(slices) * splits;
+  const bool nested = p.w.nested();
+  AT_DISPATCH_SWITCH(p.a.scalar_type(), "gemm_4bit_t_gemv", AT_DISPATCH_CASE(at::kHalf, [&] {
+                       if (nested)
+                         gemv_t_kernel<scalar_t, kGemvTMaxM, true><<<grid, kGemvTThreads, 0, stream>>>(a);
+                       else
+                         gemv_t_kernel<scalar_t, kGemvTMaxM, false><<<grid, kGemvTThreads, 0, stream>>>(a);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       const int64_t n = M * K;
+                       splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
+                           a.partial, splits, n, K, nullptr, out.data_ptr<scalar_t>());
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       if (nested)
+                         gemv_t_kernel<scalar_t, kGemvTMaxM, true><<<grid, kGemvTThreads, 0, stream>>>(a);
+                       else
+                         gemv_t_kernel<scalar_t, kGemvTMaxM, false><<<grid, kGemvTThreads, 0, stream>>>(a);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       const int64_t n = M * K;
+                       splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
+                           a.partial, splits, n, K, nullptr, out.data_ptr<scalar_t>());
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }));
+  return out;
+}
+
+at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
+                            const at::Tensor& code, int64_t blocksize, int64_t N, int64_t K,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                            int64_t nested_blocksize) {
+  const c10::cuda::OptionalCUDAGuard guard(g.device());
+  GemmPlan p = plan_gemm_4bit("lowbit.gemm_4bit_t", true, g, packed, absmax, code, blocksize, N, K, nested_absmax,
+                              nested_code, offset, nested_blocksize, std::nullopt);
+  if (p.M == 0 || K == 0) return at::empty(p.out_shape, g.options());
+  if (N == 0) return at::zeros(p.out_shape, g.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto dt = p.a.scalar_type();
+  if ((dt == at::kHalf || dt == at::kBFloat16) && p.M <= kGemvTMaxM && K % 16 == 0 &&
+      (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 7u) == 0)
+    return gemv_t(p, stream).reshape(p.out_shape);
+  at::Tensor wd = dequantize_weight(p.w, N, K, dt, stream);
+  return at::mm(p.a, wd).reshape(p.out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("gemm_4bit", &gemm_4bit_cuda);
+  m.impl("gemm_4bit_t", &gemm_4bit_t_cuda);
+}
+
+}  // namespace lowbit
