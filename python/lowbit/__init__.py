@@ -10,11 +10,18 @@ from . import ops  # noqa: F401  (fake kernels and autograd registrations)
 from . import functional
 from ._info import cuda_available, info
 from .functional import QuantState, dequantize_4bit, quantize_4bit
+from . import nn
+from .nn import Linear4bit, quantize_model
+from .adapters import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Linear4bit",
     "QuantState",
+    "load_adapter",
+    "quantize_model",
+    "save_adapter",
     "cuda_available",
     "dequantize_4bit",
     "functional",

@@ -1,0 +1,226 @@
+"""Linear4bit: a frozen 4-bit weight (NF4/FP4, bitsandbytes layout) with an
+optional bias and LoRA adapters, a drop-in for nn.Linear."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as TF
+
+from .. import functional as F
+
+_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+class Linear4bit(nn.Module):
+    """y = x @ dequant(W)^T + bias + (alpha / r) * dropout(x) @ A^T @ B^T.
+
+    The weight is stored packed (`weight`, a frozen uint8 Parameter holding
+    [(out*in + 1) // 2, 1] codes) with its `quant_state`; it never exists in
+    16 bits during training. LoRA adapters are float32 Parameters `lora_A`
+    [r, in] (Kaiming-uniform, as PEFT initialises it) and `lora_B` [out, r]
+    (zeros), so a fresh layer computes exactly what the base layer does. The
+    adapters are kept in float32 for the optimizer and cast to compute_dtype
+    for the matmuls (bf16 tensor cores, fp32 accumulation).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 0,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        # A placeholder weight (zeros) until from_linear / load_state_dict / quantize_ fills it.
+        w = torch.zeros(out_features, in_features, device=device, dtype=dtype or compute_dtype)
+        packed, state = F.quantize_4bit(w, blocksize, quant_type, double_quant, check_finite=False)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or compute_dtype)) if bias else None
+        self.r = 0
+        self.lora_A = None
+        self.lora_B = None
+        self.lora_dropout = None
+        if r:
+            self.add_lora(r, lora_alpha, lora_dropout)
+
+    # ---------------------------------------------------------------- building
+
+    def add_lora(self, r: int, lora_alpha: Optional[float] = None, lora_dropout: float = 0.0):
+        """Attaches fresh LoRA adapters (A Kaiming-uniform, B zeros)."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        alpha = float(r if lora_alpha is None else lora_alpha)
+        dev = self.weight.device
+        self.r = r
+        self.lora_alpha = alpha
+        self.scaling = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else None
+        return self
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 0,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> "Linear4bit":
+        """Quantizes an nn.Linear (on `device`, default the layer's own)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        dev = torch.device(device) if device is not None else linear.weight.device
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        w = linear.weight.detach()
+        if w.is_meta:
+            raise ValueError("from_linear: the layer's weight is on the meta device; load real weights first")
+        try:
+            packed, state = F.quantize_4bit(w.to(dev), blocksize, quant_type, double_quant)
+        except ValueError as e:
+            raise ValueError(f"from_linear: {e}") from None
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(dev, compute_dtype), requires_grad=linear.bias.requires_grad)
+        self.r, self.lora_A, self.lora_B, self.lora_dropout = 0, None, None, None
+        if r:
+            self.add_lora(r, lora_alpha, lora_dropout)
+        return self
+
+    # ---------------------------------------------------------------- compute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear4bit({self.in_features} -> {self.out_features}): input's last dimension is "
+                f"{x.shape[-1]}, expected {self.in_features}"
+            )
+        in_dtype = x.dtype
+        lead = x.shape[:-1]
+        xc = x.to(self.compute_dtype).reshape(-1, self.in_features)
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        out = F.matmul_4bit(xc, self.weight, self.quant_state, bias)
+        if self.lora_A is not None:
+            h = self.lora_dropout(xc) if self.lora_dropout is not None and self.training else xc
+            a = self.lora_A.to(self.compute_dtype)
+            b = self.lora_B.to(self.compute_dtype)
+            # base + scaling * (h A^T) B^T as one GEMM with beta=1: the adapter
+            # output is accumulated onto the base result, no separate add kernel.
+            out = torch.addmm(out, TF.linear(h, a), b.t(), alpha=self.scaling)
+        out = out.view(*lead, self.out_features)
+        return out.to(in_dtype) if in_dtype != self.compute_dtype else out
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return F.dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A 16-bit nn.Linear computing W + scaling * B @ A (W dequantized).
+
+        There is no unmerge: folding the adapters back into 4 bits would
+        re-quantize the weight and lose the base model's exact values."""
+        dtype = dtype or self.compute_dtype
+        w = self.dequantized_weight(torch.float32)
+        if self.lora_A is not None:
+            w = w + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.to(dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(dtype))
+        return lin
+
+    # ---------------------------------------------------------------- devices
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda() move the packed weight (uint8: never cast by .to(dtype));
+        # the quant state follows it to the same device and keeps its dtypes.
+        super()._apply(fn, recurse)
+        if self.quant_state.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.quant_state.to_state_dict(prefix + "weight.").items():
+            destination[k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        qs = {k: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        if wkey in state_dict:
+            packed = state_dict[wkey]
+            layer = prefix[:-1] or "Linear4bit"
+            try:
+                state = F.QuantState.from_state_dict(qs, wkey + ".", device=self.weight.device)
+                state.validate(packed, where=f"{layer}: quant state")
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{layer}: cannot load the 4-bit weight: {e}") from None
+            if list(state.shape) != [self.out_features, self.in_features]:
+                raise ValueError(
+                    f"{layer}: checkpoint weight has shape {list(state.shape)}, this layer is "
+                    f"[{self.out_features}, {self.in_features}]"
+                )
+            self.weight = nn.Parameter(packed.to(self.weight.device).view(-1, 1).clone(), requires_grad=False)
+            self.quant_state = state
+            self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
+        # The rest (bias, LoRA) loads the usual way; the packed weight was taken above.
+        rest = {k: v for k, v in state_dict.items() if not (k == wkey or k.startswith(wkey + "."))}
+        weight = self._parameters.pop("weight")
+        try:
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._parameters["weight"] = weight
+        if wkey not in state_dict and strict:
+            missing_keys.append(wkey)
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"quant_type={self.quant_state.quant_type}, blocksize={self.quant_state.blocksize}, "
+             f"double_quant={self.quant_state.nested}, compute_dtype={self.compute_dtype}")
+        if self.lora_A is not None:
+            s += f", r={self.r}, lora_alpha={self.lora_alpha}"
+        return s
