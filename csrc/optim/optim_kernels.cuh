@@ -96,8 +96,9 @@ __device__ __forceinline__ void store8_u8(uint8_t* __restrict__ q, int64_t base,
   }
 }
 
+// At most 64 registers: four blocks (32 warps) per SM keep enough loads in flight.
 template <typename T>
-__global__ void __launch_bounds__(kAdamThreads) adamw_multi_tensor_kernel(const AdamTensorList tl, const AdamArgs args) {
+__global__ void __launch_bounds__(kAdamThreads, 4) adamw_multi_tensor_kernel(const AdamTensorList tl, const AdamArgs args) {
   __shared__ float s_code1[kSkewedSize], s_code2[kSkewedSize], s_mid1[kSkewedSize], s_mid2[kSkewedSize];
 
   // Which tensor this block works on: a short scan of the chunk prefix sums.
