@@ -54,6 +54,28 @@ TORCH_LIBRARY(lowbit, m) {
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) "
       "-> Tensor");
   // ---- end gemm/ ----
+
+  // ---- optim/ : AdamW with blockwise 8-bit states, managed memory for paging ----
+  // One AdamW step, in place, for a list of parameters sharing lr/betas/eps/
+  // weight_decay (one parameter group). Per parameter i: state1[i]/state2[i]
+  // are m and v, either uint8 codes (params' numel; m in code1, the signed
+  // map, v in code2, the unsigned map) with float32 absmax1[i]/absmax2[i] per
+  // block of `blocksize` (= 256), or float32 with empty absmax. steps[i] is a
+  // float32 scalar holding the step count including this step (>= 1). lr is a
+  // float32 scalar on the params' device or the CPU. Decay is applied before
+  // the update (torch.optim.AdamW's order); a non-finite gradient element
+  // leaves its parameter and states unchanged.
+  m.def(
+      "adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor[] steps, Tensor lr, Tensor code1, Tensor code2, "
+      "float beta1, float beta2, float eps, float weight_decay, int blocksize=256) -> ()");
+  // uint8 [nbytes] in CUDA managed memory on `device`, freed with the tensor;
+  // refuses to allocate more than the device has free.
+  m.def("alloc_managed(int nbytes, Device device) -> Tensor");
+  // Whether t's memory is CUDA managed memory (false on the CPU).
+  m.def("is_managed(Tensor t) -> bool");
+  // Asynchronously migrates managed tensors to their device, on its current stream.
+  m.def("prefetch_managed(Tensor[] tensors) -> ()");
 }
 
 // lowbit._C is a plain extension module: loading it runs the registrations

@@ -25,7 +25,7 @@ template <typename T, core::QuantType QT>
 void launch_quantize_4bit(const T* x, int64_t n, int64_t blocksize, int64_t nblocks, uint8_t* packed, float* absmax,
                           cudaStream_t stream) {
   const bool vec = cuda::aligned16(x);
-  const unsigned small_grid = grid_for(ceil_div(n, 8));
+  const unsigned small_grid = grid_for(ceil_div(ceil_div(n, 8), cuda::kQuantChunks));
   const unsigned large_grid = grid_for(nblocks * 32);
   switch (blocksize) {
 #define LOWBIT_SMALL(BS)                                                                              \

@@ -54,9 +54,14 @@ __device__ __forceinline__ void store_packed4(uint8_t* __restrict__ packed, int6
   }
 }
 
-// Block sizes up to 256: each thread takes 8 consecutive elements (one
-// 16-byte load for 16-bit inputs); the BS/8 threads of a quantization block
-// are consecutive lanes of one warp and reduce the absmax with shuffles.
+// Block sizes up to 256: the tensor is cut into chunks of 8 elements (one
+// 16-byte load for 16-bit inputs). Lane l of a warp takes chunks
+// warp_base + 32*j + l for j < kQuantChunks, so its loads are all in flight
+// before the first reduction and every warp access is contiguous. The BS/8
+// chunks of a quantization block sit on consecutive lanes of one j and reduce
+// their absmax with shuffles.
+constexpr int kQuantChunks = 2;
+
 template <typename T, QuantType QT, int BS>
 __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __restrict__ x, int64_t n, bool vec,
                                                                    uint8_t* __restrict__ packed,
@@ -65,17 +70,26 @@ __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __res
   constexpr int TPB = BS / 8;
   __shared__ float table[16];
   load_encode_table<QT>(table);
-  const int64_t base = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
-  float v[8];
-  load8(x, base, n, vec, v);
-  float m = 0.0f;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = (tid / 32) * (32 * kQuantChunks) + (tid % 32);
+  float v[kQuantChunks][8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) m = core::absmax_combine(m, core::absmax_term(v[j]));
+  for (int j = 0; j < kQuantChunks; ++j) load8(x, (first + 32 * j) * 8, n, vec, v[j]);
+  const int64_t nbytes = (n + 1) / 2;
 #pragma unroll
-  for (int off = TPB / 2; off > 0; off >>= 1) m = core::absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, off));
-  const float am = core::absmax_finish(m);
-  if (base < n && (threadIdx.x % TPB) == 0) absmax[base / BS] = am;
-  if (base < n) store_packed4(packed, base, (n + 1) / 2, encode8<QT>(table, v, core::inverse_scale(am)));
+  for (int j = 0; j < kQuantChunks; ++j) {
+    const int64_t base = (first + 32 * j) * 8;
+    float m = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) m = core::absmax_combine(m, core::absmax_term(v[j][k]));
+#pragma unroll
+    for (int off = TPB / 2; off > 0; off >>= 1) m = core::absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const float am = core::absmax_finish(m);
+    if (base < n) {
+      if ((threadIdx.x % TPB) == 0) absmax[base / BS] = am;
+      store_packed4(packed, base, nbytes, encode8<QT>(table, v[j], core::inverse_scale(am)));
+    }
+  }
 }
 
 // Block sizes from 512: one warp per quantization block, two passes (the

@@ -8,6 +8,7 @@ import torch
 from . import _C  # noqa: F401  (loads the op library: torch.ops.lowbit)
 from . import ops  # noqa: F401  (fake kernels and autograd registrations)
 from . import functional
+from . import optim
 from ._info import cuda_available, info
 from .functional import QuantState, dequantize_4bit, quantize_4bit
 from . import nn

@@ -170,3 +170,64 @@ def gemm_4bit_t(
     """g[..., N] @ dequant(W)[N, K], in g's dtype (the gradient of gemm_4bit in x)."""
     return _lib.gemm_4bit_t(g, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset,
                             nested_blocksize)
+
+# ---------------------------------------------------------------- optim/
+
+
+@torch.library.register_fake("lowbit::adamw8bit_step")
+def _(params, grads, state1, state2, absmax1, absmax2, steps, lr, code1, code2, beta1, beta2, eps, weight_decay,
+      blocksize=256):
+    return None
+
+
+@torch.library.register_fake("lowbit::alloc_managed")
+def _(nbytes, device):
+    return torch.empty((nbytes,), dtype=torch.uint8, device=device)
+
+
+@torch.library.register_fake("lowbit::is_managed")
+def _(t):
+    # Fake tensors own no memory, managed or otherwise.
+    return False
+
+
+@torch.library.register_fake("lowbit::prefetch_managed")
+def _(tensors):
+    return None
+
+
+def adamw8bit_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state1: Sequence[torch.Tensor],
+    state2: Sequence[torch.Tensor],
+    absmax1: Sequence[torch.Tensor],
+    absmax2: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    lr: torch.Tensor,
+    code1: torch.Tensor,
+    code2: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    blocksize: int = 256,
+) -> None:
+    """One AdamW step in place for a list of parameters (see csrc/core/adamw8bit.h for the math)."""
+    _lib.adamw8bit_step(
+        list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2), list(steps), lr, code1,
+        code2, float(beta1), float(beta2), float(eps), float(weight_decay), blocksize,
+    )
+
+
+def alloc_managed(nbytes: int, device) -> torch.Tensor:
+    """uint8 [nbytes] in CUDA managed memory, freed with the tensor."""
+    return _lib.alloc_managed(nbytes, torch.device(device))
+
+
+def is_managed(t: torch.Tensor) -> bool:
+    return _lib.is_managed(t)
+
+
+def prefetch_managed(tensors: Sequence[torch.Tensor]) -> None:
+    _lib.prefetch_managed(list(tensors))

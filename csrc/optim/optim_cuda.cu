@@ -1,0 +1,103 @@
+// CUDA implementation of lowbit.adamw8bit_step: parameters are grouped by
+// dtype and packed kMaxTensors at a time into multi-tensor launches on the
+// current stream. No host synchronization: lr may be a device tensor (read by
+// the kernel) or a CPU tensor (read here on the host), steps are read by the
+// kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "optim/optim_common.h"
+#include "optim/optim_kernels.cuh"
+
+namespace lowbit {
+namespace {
+
+bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
+
+template <typename T>
+void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamArgs& args, cudaStream_t stream) {
+  size_t pos = 0;
+  while (pos < group.size()) {
+    cuda::AdamTensorList tl{};
+    int64_t chunks = 0;
+    int count = 0;
+    for (; pos < group.size() && count < cuda::kMaxTensors; ++pos) {
+      const AdamTensor& t = *group[pos];
+      const int64_t tchunks = ceil_div(t.n, cuda::kChunk);
+      // Grid x is limited to 2^31 - 1 blocks; start a new launch well before.
+      if (count > 0 && chunks + tchunks > (int64_t{1} << 30)) break;
+      TORCH_CHECK(tchunks < (int64_t{1} << 30), kAdamOp, ": a parameter of ", t.n, " elements is too large");
+      tl.p[count] = t.p.data_ptr();
+      tl.g[count] = t.g.const_data_ptr();
+      tl.s1[count] = t.s1.data_ptr();
+      tl.s2[count] = t.s2.data_ptr();
+      tl.a1[count] = t.eight_bit ? t.a1.data_ptr<float>() : nullptr;
+      tl.a2[count] = t.eight_bit ? t.a2.data_ptr<float>() : nullptr;
+      tl.step[count] = t.step.const_data_ptr<float>();
+      tl.n[count] = t.n;
+      tl.chunk_start[count] = static_cast<int32_t>(chunks);
+      uint8_t flags = 0;
+      if (t.eight_bit) flags |= cuda::kEightBit;
+      // 8-element vector accesses: 16 bytes for 16-bit params, 2x16 for fp32.
+      if (aligned(tl.p[count], 16) && aligned(tl.g[count], 16)) flags |= cuda::kVecParam;
+      if (aligned(tl.s1[count], 8) && aligned(tl.s2[count], 8)) flags |= cuda::kVecState;
+      tl.flags[count] = flags;
+      chunks += tchunks;
+      ++count;
+    }
+    tl.chunk_start[count] = static_cast<int32_t>(chunks);
+    tl.count = count;
+    if (chunks == 0) continue;
+    cuda::adamw_multi_tensor_kernel<T>
+        <<<static_cast<unsigned>(chunks), cuda::kAdamThreads, 0, stream>>>(tl, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                         at::TensorList absmax1, at::TensorList absmax2, at::TensorList steps, const at::Tensor& lr,
+                         const at::Tensor& code1, const at::Tensor& code2, double beta1, double beta2, double eps,
+                         double weight_decay, int64_t blocksize) {
+  c10::cuda::OptionalCUDAGuard guard;
+  if (code1.is_cuda()) guard.set_device(code1.device());
+  AdamPlan plan = plan_adamw8bit(params, grads, state1, state2, absmax1, absmax2, steps, lr, code1, code2, beta1,
+                                 beta2, eps, weight_decay, blocksize);
+  if (plan.tensors.empty()) return;
+  LOWBIT_CHECK(code1.is_cuda(), kAdamOp, ": argument 'code1' must be on the parameters' CUDA device, got ",
+               code1.device());
+
+  cuda::AdamArgs args{};
+  args.code1 = plan.code1.const_data_ptr<float>();
+  args.code2 = plan.code2.const_data_ptr<float>();
+  if (plan.lr.is_cuda()) {
+    args.lr_ptr = plan.lr.const_data_ptr<float>();
+  } else {
+    args.lr_ptr = nullptr;
+    args.lr_value = plan.lr.item<float>();  // a CPU tensor: no device synchronization
+  }
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+
+  std::vector<const AdamTensor*> by_type[3];
+  for (const AdamTensor& t : plan.tensors) {
+    if (t.n == 0) continue;
+    const int k = t.p.scalar_type() == at::kFloat ? 0 : (t.p.scalar_type() == at::kHalf ? 1 : 2);
+    by_type[k].push_back(&t);
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (!by_type[0].empty()) launch_group<float>(by_type[0], args, stream);
+  if (!by_type[1].empty()) launch_group<c10::Half>(by_type[1], args, stream);
+  if (!by_type[2].empty()) launch_group<c10::BFloat16>(by_type[2], args, stream);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("adamw8bit_step", &adamw8bit_step_cuda); }
+
+}  // namespace lowbit
