@@ -1,9 +1,13 @@
 """lowbit benchmarks: one entry point, one mode per op family.
 
     python benchmarks/bench.py --mode quantize [--quick] [--json out.json]
+    python benchmarks/bench.py --mode gemm  [-- bench_gemm.py options]
+    python benchmarks/bench.py --mode optim [-- bench_optim.py options]
 
 Prints a table and writes JSON (card, date, commit, numbers). Needs a CUDA GPU;
-bitsandbytes is timed in the same run when it is installed.
+bitsandbytes is timed in the same run when it is installed. The gemm and
+optim modes run their own scripts (benchmarks/bench_gemm.py, bench_optim.py)
+with the options after `--`.
 """
 import argparse
 import datetime
@@ -19,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, print_table  # noqa: E402
 
 MODES = {"quantize": "bench_quantize"}
+# Modes with a command line of their own: bench.py hands them the options after `--`.
+SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim"}
 
 
 def _commit():
@@ -31,17 +37,23 @@ def _commit():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=sorted(MODES) + ["all"], default="quantize")
+    ap.add_argument("--mode", choices=sorted(MODES) + sorted(SCRIPT_MODES), default="quantize")
     ap.add_argument("--quick", action="store_true", help="a subset of shapes")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU (none visible)")
+    if args.mode in SCRIPT_MODES:
+        mod = importlib.import_module(SCRIPT_MODES[args.mode])
+        sys.argv = [mod.__file__] + rest + (["--json", args.json] if args.json else [])
+        return mod.main()
     meta = dict(card=device_name(), date=datetime.date.today().isoformat(), commit=_commit(),
                 torch=torch.__version__)
     print(f"# {meta['card']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}")
     out = dict(meta=meta)
-    for mode in sorted(MODES) if args.mode == "all" else [args.mode]:
+    for mode in [args.mode]:
         mod = importlib.import_module(MODES[mode])
         print(f"\n## {mode}")
         res, cols = mod.run(args)

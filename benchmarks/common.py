@@ -23,6 +23,41 @@ def median_ms(fn, inputs, warmup=10, reps=50):
     return statistics.median(times)
 
 
+def graph_ms(fn, inputs, calls=20, warmup=3, reps=20):
+    """Device time per call in ms: `calls` calls (cycling through `inputs`)
+    captured in one CUDA graph and replayed, so host overhead and launch gaps
+    drop out. Returns None when fn cannot be captured."""
+    try:
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn(inputs[0])
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                for i in range(calls):
+                    fn(inputs[i % len(inputs)])
+        torch.cuda.current_stream().wait_stream(s)
+    except Exception:  # not capturable (host syncs, host->device copies)
+        torch.cuda.synchronize()
+        return None
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return statistics.median(times)
+
+
 def copies_for(nbytes, l2_bytes=None, at_least=2, at_most=16):
     """How many input copies to rotate so that the working set is several times L2."""
     if l2_bytes is None:

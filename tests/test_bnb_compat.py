@@ -7,6 +7,7 @@ import torch
 
 from lowbit import functional as F
 
+import reference as ref
 from conftest import devices
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -44,7 +45,19 @@ def test_same_codes_and_absmax_as_bnb(device, blocksize, dtype, quant_type):
         assert torch.equal(bs.absmax, ls.absmax)
         assert torch.equal(bs.code.cpu(), ls.code.cpu())
         if device == "cuda":
-            assert torch.equal(bp, lp)
+            # bnb's CUDA kernel is built with fast math: its 1/absmax is an
+            # approximate reciprocal, so a scaled value sitting within an ulp or
+            # two of a code threshold can round the other way (visible with
+            # 16-bit inputs, whose scaled values land on FP4's simple thresholds
+            # exactly). lowbit uses the IEEE reciprocal, identical on CPU and GPU.
+            a, b = codes(bp), codes(lp)
+            bad = (a != b).nonzero().flatten()
+            if bad.numel():
+                s = (x.float().reshape(-1)[bad] * (1.0 / ls.absmax.repeat_interleave(blocksize)[bad])).abs().cpu()
+                table = ref.FP4_THRESHOLDS if quant_type == "fp4" else ref.NF4_MIDPOINTS.abs()
+                dist = (s[:, None] - table[None, :]).abs().min(dim=1).values
+                assert torch.all(dist <= 4 * torch.finfo(torch.float32).eps * s), (s, dist)
+                assert bad.numel() < 1e-3 * a.numel()
         elif quant_type == "nf4":
             # bnb's vectorised CPU kernels very rarely round a value sitting on a
             # code boundary the other way; its CUDA kernel is the reference.
