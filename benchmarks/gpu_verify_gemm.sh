@@ -8,6 +8,7 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/smi.txt" 2>&1
 echo "commit $(cat .commit 2>/dev/null || git rev-parse --short HEAD)" >> "$OUT/smi.txt"
 time MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+$PY -X faulthandler -m pytest -v tests/test_gemm.py -k "test_errors" 2>&1 | tee "$OUT/tests_errors.log" | tail -4
 # The graph-capture tests in a process of their own, so one failure cannot hide the rest.
 $PY -X faulthandler -m pytest -v tests/test_gemm.py -k "not graph_capture" 2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed|Fatal|test_gemm.py::" | grep -v PASSED | tail -15
 $PY -X faulthandler -m pytest -v tests/test_gemm.py -k "graph_capture" 2>&1 | tee "$OUT/tests_graph.log" | tail -8

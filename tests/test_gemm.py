@@ -11,7 +11,7 @@ from lowbit import ops
 from conftest import HAS_CUDA, devices, poison_allocator
 
 GPU_MS = [1, 2, 3, 4, 5, 8, 16, 31, 64, 127, 512, 4096]
-CPU_MS = [1, 3, 5, 31, 127]
+CPU_MS = [1, 5, 127]
 # (N, K, blocksize): K % 256 == 0 takes the fused CUDA kernels, the rest the
 # generic path; N odd or not a multiple of 16; every chunk width of the fused
 # kernel (blocksize 32, 64, >= 128).
@@ -141,7 +141,7 @@ def backward_case(device, N, K, blocksize, quant_type, dq, dtype, Ms):
                          ids=lambda s: "x".join(map(str, s)))
 def test_backward(device, dq, shape):
     N, K, bs = shape
-    Ms = [1, 3, 5, 31] if device == "cpu" else [1, 2, 3, 4, 5, 8, 16, 31, 64, 127, 512]
+    Ms = [1, 5] if device == "cpu" else [1, 2, 3, 4, 5, 8, 16, 31, 64, 127, 512]
     for dtype in _dtypes(device):
         backward_case(device, N, K, bs, "nf4", dq, dtype, Ms)
 

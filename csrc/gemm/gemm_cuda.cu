@@ -16,9 +16,9 @@
 namespace lowbit {
 namespace {
 
-// Above this many rows the dequantize + cuBLAS path wins (the fused kernel
-// re-reads the weight for every 64 rows of x).
-constexpr int64_t kTcMaxM = 128;
+// Above this many rows the dequantize + cuBLAS path wins (measured on H200:
+// at M = 32 the two were even, at 64 the fused kernel was 2x slower).
+constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
 
 int log2_int(int64_t v) {
@@ -102,7 +102,8 @@ void launch_tc_mt(const cuda::gemm::TcArgs& a, bool nested, int ch, unsigned gri
 at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
   using namespace cuda::gemm;
   const int64_t M = p.M, N = p.N, K = p.K;
-  const int mt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  // m-tiles of 8 rows; larger M loops over blocks of 32 rows (m_chunks).
+  const int mt = M <= 8 ? 1 : M <= 16 ? 2 : 4;
   const int sms = sm_count();
   // Rows per block: enough that x (re-read by every block from L2) costs
   // less than the weight stream, and no fewer blocks than the chip holds.
@@ -149,15 +150,13 @@ at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
                        switch (mt) {
                          case 1: launch_tc_mt<scalar_t, 1>(a, nested, ch, grid, stream); break;
                          case 2: launch_tc_mt<scalar_t, 2>(a, nested, ch, grid, stream); break;
-                         case 4: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
-                         default: launch_tc_mt<scalar_t, 8>(a, nested, ch, grid, stream); break;
+                         default: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
                        }
                      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
                        switch (mt) {
                          case 1: launch_tc_mt<scalar_t, 1>(a, nested, ch, grid, stream); break;
                          case 2: launch_tc_mt<scalar_t, 2>(a, nested, ch, grid, stream); break;
-                         case 4: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
-                         default: launch_tc_mt<scalar_t, 8>(a, nested, ch, grid, stream); break;
+                         default: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
                        }
                      }));
   if (splits > 1) {

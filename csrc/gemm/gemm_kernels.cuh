@@ -93,7 +93,31 @@ constexpr int kKIter = 256;  // k-values of a weight row per warp iteration (128
 constexpr int kLutBytes = 256 * 32 * 4;
 
 __host__ __device__ constexpr int tc_smem_bytes(int mt) {
-  return kLutBytes > mt * 4 * 32 * 4 * kTcWarps ? kLutBytes : mt * 4 * 32 * 4 * kTcWarps;
+  return kLutBytes + 1024 > mt * 4 * 32 * 4 * kTcWarps ? kLutBytes + 1024 : mt * 4 * 32 * 4 * kTcWarps;
+}
+
+// A quantization block's scale in two halves: the global loads (issued an
+// iteration ahead) and the arithmetic (at use). Nested: the product is rounded
+// before the offset is added, as load_scale does.
+struct ScaleRaw {
+  float a;     // the float32 scale, or the nested block's absmax
+  uint32_t q;  // nested: the 8-bit code
+};
+
+template <bool NESTED>
+__device__ __forceinline__ ScaleRaw load_scale_raw(const ScaleArgs& s, int64_t block) {
+  if constexpr (NESTED)
+    return ScaleRaw{__ldg(s.nested_absmax + (block >> s.nested_shift)), static_cast<uint32_t>(__ldg(s.absmax_q + block))};
+  else
+    return ScaleRaw{__ldg(s.absmax + block), 0u};
+}
+
+template <bool NESTED>
+__device__ __forceinline__ float finish_scale(const ScaleRaw& r, const float* nested_code_s, float offset) {
+  if constexpr (NESTED)
+    return __fmul_rn(nested_code_s[r.q], r.a) + offset;
+  else
+    return r.a;
 }
 
 // MT: m-tiles of 8 rows of x per block. CH: packed bytes per lane per weight
@@ -101,7 +125,7 @@ __host__ __device__ constexpr int tc_smem_bytes(int mt) {
 // quantization block, so CH = min(blocksize, 128) / 8 and each mma step (16
 // k-values, 4 from each of the 4 lanes sharing a row) has a single scale.
 template <typename T, int MT, int CH, bool NESTED>
-__global__ void __launch_bounds__(kTcThreads) gemm_4bit_tc_kernel(const TcArgs args) {
+__global__ void __launch_bounds__(kTcThreads, 1) gemm_4bit_tc_kernel(const TcArgs args) {
   static_assert(CH == 4 || CH == 8 || CH == 16, "chunk of 4, 8 or 16 bytes");
   constexpr int CPI = 128 / (4 * CH);  // chunks per iteration
   constexpr int SP = CH / 4;           // 32-bit words (= step pairs) per chunk
@@ -120,6 +144,14 @@ __global__ void __launch_bounds__(kTcThreads) gemm_4bit_tc_kernel(const TcArgs a
     const uint32_t word = bits16<T>(__ldg(args.code + (b >> 4))) | (bits16<T>(__ldg(args.code + (b & 15))) << 16);
 #pragma unroll 8
     for (int r = 0; r < 32; ++r) smem[b * 32 + ((r + b) & 31)] = word;
+  }
+  // The nested code (256 floats) beside the table: the second, dependent
+  // lookup of a double-quantized scale then costs a shared load, not a global one.
+  float* nested_code_s = reinterpret_cast<float*>(smem + 256 * 32);
+  float offset = 0.0f;
+  if constexpr (NESTED) {
+    nested_code_s[threadIdx.x] = __ldg(args.s.nested_code + threadIdx.x);
+    offset = __ldg(args.s.offset);
   }
   __syncthreads();
   const uint32_t* lut = smem + lane;
@@ -163,42 +195,70 @@ __global__ void __launch_bounds__(kTcThreads) gemm_4bit_tc_kernel(const TcArgs a
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
+  // Everything an iteration needs from global memory is requested one
+  // iteration ahead (weight bytes, raw scales, and for MT == 1 the x values),
+  // so a warp waits on memory latency once, not once per chunk.
+  constexpr bool XPF = MT == 1;
+  constexpr int XW = XPF ? CPI * SP : 1;
   uint32_t wv[2][CPI][SP];
-  auto load_w = [&](int it) {
+  ScaleRaw sr[2][CPI];
+  uint4 xp[XW];
+  auto load_iter = [&](int it) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int c = 0; c < CPI; ++c) {
         if (row_ok[h]) {
           load_stream<CH>(wrow[h] + it * (kKIter / 2) + c * 4 * CH, wv[h][c]);
+          sr[h][c] = load_scale_raw<NESTED>(args.s, (static_cast<int64_t>(rows[h]) * K + it * kKIter + c * 8 * CH) >>
+                                                        args.block_shift);
         } else {
 #pragma unroll
           for (int s = 0; s < SP; ++s) wv[h][c][s] = 0;  // rows past N contribute nothing
+          sr[h][c] = ScaleRaw{0.0f, 0u};
         }
       }
-  };
-
-  int it = it_begin + kw;
-  if (it < it_end) load_w(it);
-  for (; it < it_end; it += kwarps) {
-    uint32_t cur[2][CPI][SP];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
+    if constexpr (XPF) {
 #pragma unroll
       for (int c = 0; c < CPI; ++c)
 #pragma unroll
+        for (int s = 0; s < SP; ++s)
+          xp[c * SP + s] = x_ok[0] ? __ldg(reinterpret_cast<const uint4*>(xrow[0] + it * kKIter + c * 8 * CH + 8 * s))
+                                   : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  int it = it_begin + kw;
+  if (it < it_end) load_iter(it);
+  for (; it < it_end; it += kwarps) {
+    uint32_t cur[2][CPI][SP];
+    ScaleRaw csr[2][CPI];
+    uint4 cx[XW];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int c = 0; c < CPI; ++c) {
+        csr[h][c] = sr[h][c];
+#pragma unroll
         for (int s = 0; s < SP; ++s) cur[h][c][s] = wv[h][c][s];
-    // Prefetch the next iteration's weight bytes before decoding these.
-    if (it + kwarps < it_end) load_w(it + kwarps);
+      }
+#pragma unroll
+    for (int i = 0; i < XW; ++i) cx[i] = xp[i];
+    if (it + kwarps < it_end) load_iter(it + kwarps);
+    // Two iterations ahead, only into L2 (costs no registers): one 128-byte
+    // line per weight row, so the register prefetch above finds it in L2.
+    if (tig == 0 && it + 2 * kwarps < it_end) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (row_ok[h]) asm volatile("prefetch.global.L2 [%0];" ::"l"(wrow[h] + (it + 2 * kwarps) * (kKIter / 2)));
+    }
 
 #pragma unroll
     for (int c = 0; c < CPI; ++c) {
       const int kc = it * kKIter + c * 8 * CH;  // first k of this chunk
       float sc[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        sc[h] = row_ok[h] ? load_scale<NESTED>(args.s, (static_cast<int64_t>(rows[h]) * K + kc) >> args.block_shift)
-                          : 0.0f;
+      for (int h = 0; h < 2; ++h) sc[h] = finish_scale<NESTED>(csr[h][c], nested_code_s, offset);
       float tmp[MT][4];
 #pragma unroll
       for (int j = 0; j < MT; ++j)
@@ -208,12 +268,16 @@ __global__ void __launch_bounds__(kTcThreads) gemm_4bit_tc_kernel(const TcArgs a
       for (int s = 0; s < SP; ++s) {
         // 8 k-values of x per lane and m-tile: kc + tig * 2 * CH + 8 * s + [0, 8)
         uint4 xv[MT];
+        if constexpr (XPF) {
+          xv[0] = cx[c * SP + s];
+        } else {
 #pragma unroll
-        for (int j = 0; j < MT; ++j) {
-          if (x_ok[j])
-            xv[j] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + kc + 8 * s));
-          else
-            xv[j] = make_uint4(0, 0, 0, 0);
+          for (int j = 0; j < MT; ++j) {
+            if (x_ok[j])
+              xv[j] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + kc + 8 * s));
+            else
+              xv[j] = make_uint4(0, 0, 0, 0);
+          }
         }
         const uint32_t w0 = cur[0][c][s];
         const uint32_t w1 = cur[1][c][s];
@@ -301,17 +365,23 @@ struct GemvTArgs {
 
 constexpr int kGemvTThreads = 256;
 constexpr int kGemvTSlice = 512;  // k-values per block: 32 lanes x 16
-constexpr int kGemvTRows = 4;     // weight rows in flight per warp
+constexpr int kGemvTRows = 8;     // weight rows in flight per warp
 
 // Requires K % 16 == 0 (a lane's 16 k-values share one scale and an 8-byte
 // aligned load). MAXM: rows of g (<= 4).
 template <typename T, int MAXM, bool NESTED>
 __global__ void __launch_bounds__(kGemvTThreads) gemv_t_kernel(const GemvTArgs args) {
   __shared__ float cb[16];
+  __shared__ float nested_code_s[NESTED ? 256 : 1];
   // [m][e][lane] padded to 33 lanes: conflict-free both when lanes write and
   // when consecutive threads read consecutive k.
   __shared__ float red[MAXM * 16 * 33];
   if (threadIdx.x < 16) cb[threadIdx.x] = args.code[threadIdx.x];
+  float offset = 0.0f;
+  if constexpr (NESTED) {
+    nested_code_s[threadIdx.x] = __ldg(args.s.nested_code + threadIdx.x);
+    offset = __ldg(args.s.offset);
+  }
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -341,7 +411,7 @@ __global__ void __launch_bounds__(kGemvTThreads) gemv_t_kernel(const GemvTArgs a
       if (ok) {
         const int64_t e = static_cast<int64_t>(row) * K + k0;
         load_stream<8>(args.packed + e / 2, wv[r]);
-        const float sc = load_scale<NESTED>(args.s, e >> args.block_shift);
+        const float sc = finish_scale<NESTED>(load_scale_raw<NESTED>(args.s, e >> args.block_shift), nested_code_s, offset);
 #pragma unroll
         for (int m = 0; m < MAXM; ++m)
           gs[r][m] = m < M ? to_float(gp[static_cast<int64_t>(m) * N + row]) * sc : 0.0f;
