@@ -53,7 +53,7 @@ def _write_build_info(with_cuda, archs, reason):
 
 def _extension():
     with_cuda, reason = _want_cuda()
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++17"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     sources = _sources("*.cpp")
     if not with_cuda:
