@@ -4,13 +4,49 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <string>
+#include <type_traits>
 
 #include "core/codebook.h"
 
 namespace lowbit {
 
-#define LOWBIT_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+// Error messages are assembled here into one std::string: numbers through
+// std::to_string/snprintf, never through iostream number formatting. A
+// toolchain that links its own libstdc++ into the extension (seen with
+// compilers whose spec adds -static-libstdc++) has an uninitialised copy of
+// the locale facets, and `stream << int64_t` there crashes the process
+// instead of raising the error.
+namespace detail {
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(c10::string_view s) { return std::string(s.data(), s.size()); }
+inline std::string piece(bool v) { return v ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+std::string piece(T v) { return std::to_string(v); }
+inline std::string piece(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(c10::IntArrayRef a) {
+  std::string r = "[";
+  for (size_t i = 0; i < a.size(); ++i) r += (i ? ", " : "") + std::to_string(a[i]);
+  return r + "]";
+}
+}  // namespace detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string r;
+  ((r += detail::piece(args)), ...);
+  return r;
+}
+
+#define LOWBIT_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, ::lowbit::message(__VA_ARGS__))
 
 inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
   LOWBIT_CHECK(t.defined(), op, ": argument '", name, "' is an undefined tensor");

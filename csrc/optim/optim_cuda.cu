@@ -30,7 +30,7 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
       const int64_t tchunks = ceil_div(t.n, cuda::kChunk);
       // Grid x is limited to 2^31 - 1 blocks; start a new launch well before.
       if (count > 0 && chunks + tchunks > (int64_t{1} << 30)) break;
-      TORCH_CHECK(tchunks < (int64_t{1} << 30), kAdamOp, ": a parameter of ", t.n, " elements is too large");
+      TORCH_CHECK(tchunks < (int64_t{1} << 30), lowbit::message(kAdamOp, ": a parameter of ", t.n, " elements is too large"));
       tl.p[count] = t.p.data_ptr();
       tl.g[count] = t.g.const_data_ptr();
       tl.s1[count] = t.s1.data_ptr();

@@ -48,7 +48,7 @@ void launch_quantize_4bit(const T* x, int64_t n, int64_t blocksize, int64_t nblo
 #undef LOWBIT_SMALL
 #undef LOWBIT_LARGE
     default:
-      TORCH_CHECK(false, "lowbit.quantize_4bit: unsupported blocksize ", blocksize);
+      TORCH_CHECK(false, lowbit::message("lowbit.quantize_4bit: unsupported blocksize ", blocksize));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
