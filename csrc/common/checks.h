@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
+#include <initializer_list>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -100,3 +102,15 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace lowbit {
+// The device a CUDA kernel should run on: that of the first CUDA tensor among
+// its arguments. The dispatcher picks the CUDA kernel when any argument is on
+// CUDA; guarding on a CPU argument would fail before the device check can
+// report the mismatch clearly.
+inline std::optional<c10::Device> cuda_device_of(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    if (t != nullptr && t->defined() && t->is_cuda()) return t->device();
+  return std::nullopt;
+}
+}  // namespace lowbit

@@ -178,7 +178,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& nested_absmax,
                           const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                           int64_t nested_blocksize, const std::optional<at::Tensor>& bias) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of({&x, &packed, &absmax, &code}));
   GemmPlan p = plan_gemm_4bit("lowbit.gemm_4bit", false, x, packed, absmax, code, blocksize, N, K, nested_absmax,
                               nested_code, offset, nested_blocksize, bias);
   if (p.M == 0 || N == 0) return at::empty(p.out_shape, x.options());
@@ -249,7 +249,7 @@ at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const
                             const std::optional<at::Tensor>& nested_absmax,
                             const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                             int64_t nested_blocksize) {
-  const c10::cuda::OptionalCUDAGuard guard(g.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of({&g, &packed, &absmax, &code}));
   GemmPlan p = plan_gemm_4bit("lowbit.gemm_4bit_t", true, g, packed, absmax, code, blocksize, N, K, nested_absmax,
                               nested_code, offset, nested_blocksize, std::nullopt);
   if (p.M == 0 || K == 0) return at::empty(p.out_shape, g.options());

@@ -77,7 +77,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                 int64_t nested_blocksize) {
   const char* op = "lowbit.dequantize_4bit";
-  const c10::cuda::OptionalCUDAGuard guard(packed.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of({&packed, &absmax, &code}));
   check_dequantize_4bit(op, shape, dtype);
   const int64_t n = c10::multiply_integers(shape);
   WeightQuant w = check_weight_quant(op, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
@@ -115,7 +115,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
                                                                 int64_t blocksize) {
-  const c10::cuda::OptionalCUDAGuard guard(A.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of({&A, &code}));
   auto p = plan_quantize_8bit(A, code, blocksize);
   if (p.n == 0) return {p.out, p.absmax};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cuda(const at::Tensor
 
 at::Tensor dequantize_8bit_blockwise_cuda(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
                                           int64_t blocksize, at::ScalarType dtype) {
-  const c10::cuda::OptionalCUDAGuard guard(A.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of({&A, &absmax, &code}));
   check_dequantize_8bit(A, absmax, code, blocksize, dtype);
   at::Tensor q = A.contiguous(), am = absmax.contiguous(), cb = code.contiguous();
   at::Tensor out = at::empty(A.sizes(), A.options().dtype(dtype));
