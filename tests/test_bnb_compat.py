@@ -42,7 +42,14 @@ def test_same_codes_and_absmax_as_bnb(device, blocksize, dtype, quant_type):
         x = torch.randn(shape, dtype=dtype, device=device)
         bp, bs = bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
         lp, ls = F.quantize_4bit(x, blocksize, quant_type, double_quant=False)
-        assert torch.equal(bs.absmax, ls.absmax)
+        # All-zero blocks are the documented exception (lowbit: absmax 0 and the
+        # code of 0.0; bnb's CPU path clamps absmax to 1e-38, its CUDA kernel
+        # writes code 0); a short tail block of 16-bit randn can be all zero.
+        live = ls.absmax > 0
+        assert torch.equal(bs.absmax[live], ls.absmax[live])
+        assert torch.all(bs.absmax[~live] <= 1e-38)
+        if not live.all():
+            continue
         assert torch.equal(bs.code.cpu(), ls.code.cpu())
         if device == "cuda":
             # bnb's CUDA kernel is built with fast math: its 1/absmax is an
