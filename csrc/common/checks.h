@@ -78,6 +78,13 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
 
 inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+// log2 of a power of two (block sizes: shifts instead of divisions on the GPU).
+inline int log2_int(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
 // Block sizes the 4-bit format allows (and the 8-bit blockwise ops accept).
 inline void check_blocksize(const char* op, const char* name, int64_t blocksize) {
   LOWBIT_CHECK(is_power_of_two(blocksize) && blocksize >= 32 && blocksize <= 4096, op,

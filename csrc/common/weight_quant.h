@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "core/blockwise.h"
 
 namespace lowbit {
 
@@ -81,6 +82,21 @@ inline WeightQuant check_weight_quant(const char* op, const at::Tensor& packed, 
   w.absmax = absmax.contiguous();
   w.code = code.contiguous();
   return w;
+}
+
+// The scales of a CPU weight in the form the core's reference loops read.
+inline core::ScaleSource host_scales(const WeightQuant& w) {
+  core::ScaleSource s;
+  if (w.nested()) {
+    s.absmax_q = w.absmax.const_data_ptr<uint8_t>();
+    s.nested_absmax = w.nested_absmax.const_data_ptr<float>();
+    s.nested_code = w.nested_code.const_data_ptr<float>();
+    s.offset = w.offset.item<float>();
+    s.nested_blocksize = w.nested_blocksize;
+  } else {
+    s.absmax = w.absmax.const_data_ptr<float>();
+  }
+  return s;
 }
 
 }  // namespace lowbit

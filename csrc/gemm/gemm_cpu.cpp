@@ -12,16 +12,7 @@ namespace {
 
 at::Tensor dequantize_f32(const WeightQuant& w, int64_t N, int64_t K) {
   at::Tensor out = at::empty({N, K}, w.packed.options().dtype(at::kFloat));
-  core::ScaleSource scales;
-  if (w.nested()) {
-    scales.absmax_q = w.absmax.const_data_ptr<uint8_t>();
-    scales.nested_absmax = w.nested_absmax.const_data_ptr<float>();
-    scales.nested_code = w.nested_code.const_data_ptr<float>();
-    scales.offset = w.offset.item<float>();
-    scales.nested_blocksize = w.nested_blocksize;
-  } else {
-    scales.absmax = w.absmax.const_data_ptr<float>();
-  }
+  const core::ScaleSource scales = host_scales(w);
   const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
   const float* cb = w.code.const_data_ptr<float>();
   float* o = out.data_ptr<float>();

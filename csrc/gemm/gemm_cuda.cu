@@ -12,6 +12,7 @@
 
 #include "gemm/gemm_common.h"
 #include "gemm/gemm_kernels.cuh"
+#include "quantize/scale_args.cuh"
 
 namespace lowbit {
 namespace {
@@ -20,26 +21,6 @@ namespace {
 // at M = 32 the two were even, at 64 the fused kernel was 2x slower).
 constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
-
-int log2_int(int64_t v) {
-  int s = 0;
-  while ((int64_t{1} << s) < v) ++s;
-  return s;
-}
-
-cuda::ScaleArgs scale_args(const WeightQuant& w) {
-  cuda::ScaleArgs s{};
-  if (w.nested()) {
-    s.absmax_q = w.absmax.const_data_ptr<uint8_t>();
-    s.nested_absmax = w.nested_absmax.const_data_ptr<float>();
-    s.nested_code = w.nested_code.const_data_ptr<float>();
-    s.offset = w.offset.const_data_ptr<float>();
-    s.nested_shift = log2_int(w.nested_blocksize);
-  } else {
-    s.absmax = w.absmax.const_data_ptr<float>();
-  }
-  return s;
-}
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

@@ -38,16 +38,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   WeightQuant w = check_weight_quant(op, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                                      nested_blocksize, n);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  core::ScaleSource scales;
-  if (w.nested()) {
-    scales.absmax_q = w.absmax.const_data_ptr<uint8_t>();
-    scales.nested_absmax = w.nested_absmax.const_data_ptr<float>();
-    scales.nested_code = w.nested_code.const_data_ptr<float>();
-    scales.offset = w.offset.item<float>();
-    scales.nested_blocksize = w.nested_blocksize;
-  } else {
-    scales.absmax = w.absmax.const_data_ptr<float>();
-  }
+  const core::ScaleSource scales = host_scales(w);
   const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
   const float* cb = w.code.const_data_ptr<float>();
   LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_4bit_cpu", [&] {

@@ -7,17 +7,12 @@
 
 #include "quantize/quantize_common.h"
 #include "quantize/quantize_kernels.cuh"
+#include "quantize/scale_args.cuh"
 
 namespace lowbit {
 namespace {
 
 constexpr int kThreads = 256;
-
-int log2_int(int64_t v) {
-  int s = 0;
-  while ((int64_t{1} << s) < v) ++s;
-  return s;
-}
 
 unsigned grid_for(int64_t threads) { return static_cast<unsigned>(ceil_div(threads, kThreads)); }
 
@@ -84,16 +79,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                                      nested_blocksize, n);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   if (n == 0) return out;
-  cuda::ScaleArgs s{};
-  if (w.nested()) {
-    s.absmax_q = w.absmax.const_data_ptr<uint8_t>();
-    s.nested_absmax = w.nested_absmax.const_data_ptr<float>();
-    s.nested_code = w.nested_code.const_data_ptr<float>();
-    s.offset = w.offset.const_data_ptr<float>();
-    s.nested_shift = log2_int(w.nested_blocksize);
-  } else {
-    s.absmax = w.absmax.const_data_ptr<float>();
-  }
+  const cuda::ScaleArgs s = scale_args(w);
   const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
   const bool vec_in = (reinterpret_cast<uintptr_t>(q) & 3u) == 0;
   const unsigned grid = grid_for(ceil_div(ceil_div(n, 8), cuda::kDequantChunks));

@@ -41,6 +41,7 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype = torch.bfloat16,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        _quantized=None,
     ):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -53,9 +54,11 @@ class Linear4bit(nn.Module):
         self.quant_type = quant_type
         self.blocksize = blocksize
         self.double_quant = double_quant
-        # A placeholder weight (zeros) until from_linear / load_state_dict / quantize_ fills it.
-        w = torch.zeros(out_features, in_features, device=device, dtype=dtype or compute_dtype)
-        packed, state = F.quantize_4bit(w, blocksize, quant_type, double_quant, check_finite=False)
+        if _quantized is None:
+            # A placeholder weight (zeros) until load_state_dict fills it.
+            w = torch.zeros(out_features, in_features, device=device, dtype=dtype or compute_dtype)
+            _quantized = F.quantize_4bit(w, blocksize, quant_type, double_quant, check_finite=False)
+        packed, state = _quantized
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or compute_dtype)) if bias else None
@@ -103,28 +106,20 @@ class Linear4bit(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         dev = torch.device(device) if device is not None else linear.weight.device
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
-        self.compute_dtype = compute_dtype
-        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         w = linear.weight.detach()
         if w.is_meta:
             raise ValueError("from_linear: the layer's weight is on the meta device; load real weights first")
         try:
-            packed, state = F.quantize_4bit(w.to(dev), blocksize, quant_type, double_quant)
+            quantized = F.quantize_4bit(w.to(dev), blocksize, quant_type, double_quant)
         except ValueError as e:
             raise ValueError(f"from_linear: {e}") from None
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        self.quant_state = state
-        self.bias = None
+        self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, r=r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                   compute_dtype=compute_dtype, device=dev, _quantized=quantized)
         if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().to(dev, compute_dtype), requires_grad=linear.bias.requires_grad)
-        self.r, self.lora_A, self.lora_B, self.lora_dropout = 0, None, None, None
-        if r:
-            self.add_lora(r, lora_alpha, lora_dropout)
+            with torch.no_grad():
+                self.bias.copy_(linear.bias.detach())
+            self.bias.requires_grad_(linear.bias.requires_grad)
         return self
 
     # ---------------------------------------------------------------- compute
