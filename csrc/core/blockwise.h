@@ -29,11 +29,11 @@ void quantize_4bit_blocks(QuantType qt, const T* x, int64_t n, int64_t blocksize
     const float am = block_absmax(x + start, count);
     absmax[b] = am;
     const float inv = inverse_scale(am);
-    const float* table = encode_table(qt);
+    const Encoder4 enc = host_encoder(qt);
     // blocksize is even, so a block starts on a byte boundary.
     for (int64_t i = 0; i < count; i += 2) {
-      const uint8_t hi = encode_4bit(qt, table, static_cast<float>(x[start + i]) * inv);
-      const uint8_t lo = (i + 1 < count) ? encode_4bit(qt, table, static_cast<float>(x[start + i + 1]) * inv)
+      const uint8_t hi = encode_4bit(qt, enc, static_cast<float>(x[start + i]) * inv);
+      const uint8_t lo = (i + 1 < count) ? encode_4bit(qt, enc, static_cast<float>(x[start + i + 1]) * inv)
                                          : zero_code(qt);
       packed[(start + i) / 2] = static_cast<uint8_t>((hi << 4) | lo);
     }

@@ -76,12 +76,100 @@ LOWBIT_HD uint8_t encode_fp4(const float* thresholds, float s) {
   return static_cast<uint8_t>(((0x32547610u >> (4 * b)) & 0xFu) | sign);
 }
 
-// `table` is the quant type's search table: kNF4Midpoints or kFP4Thresholds.
-LOWBIT_HD uint8_t encode_4bit(QuantType qt, const float* table, float s) {
-  return qt == QuantType::NF4 ? encode_nf4(table, s) : encode_fp4(table, s);
+// The fast encoders used by the quantize kernels and the CPU alike. A value
+// is rounded onto a fine grid (step 1/512 over [-1, 3) for NF4, 1/1024 over
+// |s| in [0, 2) for FP4); grid point i owns the closed cell of values that
+// round to it, [(i - 1/2) step, (i + 1/2) step]. No cell holds two thresholds
+// (the closest NF4 midpoints are 0.08 apart, FP4's thresholds 0.0026 or more)
+// and none lies on a cell edge, so a cell's code is its lower edge's code `lo`
+// or, past the one threshold above it, lo + 1: one table byte and one
+// comparison give the exact nearest code, ties included. Values off the grid
+// (a stale scale, +-inf) take the end cells; NaN lands in cell 0 (code 0).
+constexpr int kCells = 2048;
+
+struct EncoderTables {
+  uint8_t nf4_cell[kCells];  // code of cell i's lower edge (i - 1/2) / 512 - 1
+  uint8_t fp4_cell[kCells];  // magnitude bucket of cell i's lower edge (i - 1/2) / 1024
+  // bound[c + 1] is the threshold above code (bucket) c; NaN after the last,
+  // which no comparison passes.
+  float nf4_bound[17];
+  float fp4_bound[9];
+
+  constexpr EncoderTables() : nf4_cell(), fp4_cell(), nf4_bound(), fp4_bound() {
+    for (int i = 0; i < kCells; ++i) {
+      const double v = (i - 0.5) / 512.0 - 1.0;
+      const double a = (i - 0.5) / 1024.0;
+      int c = 0, b = 0;
+      for (float m : kNF4Midpoints) c += v > static_cast<double>(m);
+      for (float t : kFP4Thresholds) b += a > static_cast<double>(t);
+      nf4_cell[i] = static_cast<uint8_t>(c);
+      fp4_cell[i] = static_cast<uint8_t>(b);
+    }
+    nf4_bound[0] = fp4_bound[0] = -__builtin_inff();
+    for (int k = 0; k < 15; ++k) nf4_bound[k + 1] = kNF4Midpoints[k];
+    nf4_bound[16] = __builtin_nanf("");
+    for (int k = 0; k < 7; ++k) fp4_bound[k + 1] = kFP4Thresholds[k];
+    fp4_bound[8] = __builtin_nanf("");
+  }
+};
+
+static constexpr EncoderTables kEncoderTables{};
+
+LOWBIT_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
 }
 
-inline const float* encode_table(QuantType qt) { return qt == QuantType::NF4 ? kNF4Midpoints : kFP4Thresholds; }
+// Nearest grid index: adding 2^23 leaves the rounded integer in the low
+// mantissa bits. The product by a power of two is exact, so a fused
+// multiply-add and a multiply followed by an add round identically.
+LOWBIT_HD uint32_t grid_cell(float scaled_by_step, float origin) {
+  return float_bits(scaled_by_step + (origin + 8388608.0f)) & (kCells - 1);
+}
+
+// Clamp with NaN sent to `lo`: the NaN a GPU produces (0x7FFFFFFF) and the
+// one x86 produces (0xFFC00000) would otherwise pick different cells.
+LOWBIT_HD float clamp_to(float v, float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  return fminf(fmaxf(v, lo), hi);
+#else
+  return v != v ? lo : (v < lo ? lo : (v > hi ? hi : v));
+#endif
+}
+
+LOWBIT_HD uint8_t encode_nf4_fast(const uint8_t* cell, const float* bound, float s) {
+  const int c = cell[grid_cell(clamp_to(s, -1.0f, 2.0f) * 512.0f, 512.0f)];
+  return static_cast<uint8_t>(c + (s > bound[c + 1] ? 1 : 0));
+}
+
+LOWBIT_HD uint8_t encode_fp4_fast(const uint8_t* cell, const float* bound, float s) {
+  const uint32_t sign = s < 0.0f ? 8u : 0u;
+  const float a = s < 0.0f ? -s : s;
+  int b = cell[grid_cell(clamp_to(a, 0.0f, 1.5f) * 1024.0f, 0.0f)];
+  b += a > bound[b + 1] ? 1 : 0;
+  return static_cast<uint8_t>(((0x32547610u >> (4 * b)) & 0xFu) | sign);
+}
+
+// The encoder of one quant type: its cell table and thresholds (host copies
+// here; the kernels use copies in shared memory).
+struct Encoder4 {
+  const uint8_t* cell;
+  const float* bound;
+};
+
+inline Encoder4 host_encoder(QuantType qt) {
+  return qt == QuantType::NF4 ? Encoder4{kEncoderTables.nf4_cell, kEncoderTables.nf4_bound}
+                              : Encoder4{kEncoderTables.fp4_cell, kEncoderTables.fp4_bound};
+}
+
+LOWBIT_HD uint8_t encode_4bit(QuantType qt, const Encoder4& e, float s) {
+  return qt == QuantType::NF4 ? encode_nf4_fast(e.cell, e.bound, s) : encode_fp4_fast(e.cell, e.bound, s);
+}
 
 // Scale factor applied to a block: the reciprocal of its absmax (a multiply,
 // as bnb does, not a divide). An all-zero block (absmax 0) scales by 0 so every
@@ -98,12 +186,26 @@ LOWBIT_HD bool is_finite(float v) {
 }
 
 // Running absmax of a block. A non-finite element turns the whole block's
-// absmax into NaN, the flag the Python layer turns into an error. Finite
-// values never reach +inf through max, so +inf can carry the flag while the
-// partial maxima are combined (across threads, with plain fmaxf).
-LOWBIT_HD float absmax_term(float v) { return is_finite(v) ? (v < 0.0f ? -v : v) : __builtin_inff(); }
-LOWBIT_HD float absmax_combine(float a, float b) { return a > b ? a : b; }
-LOWBIT_HD float absmax_finish(float m) { return m == __builtin_inff() ? __builtin_nanf("") : m; }
+// absmax into NaN, the flag the Python layer turns into an error: |v| keeps
+// NaN and inf, the maximum propagates NaN (one max.NaN instruction on the
+// GPU), and the finished value is NaN unless finite.
+LOWBIT_HD float absmax_term(float v) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(v);
+#else
+  return __builtin_fabsf(v);
+#endif
+}
+LOWBIT_HD float absmax_combine(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? __builtin_nanf("") : (a > b ? a : b);
+#endif
+}
+LOWBIT_HD float absmax_finish(float m) { return is_finite(m) ? m : __builtin_nanf(""); }
 
 // Index of the entry of a sorted 256-entry map nearest to x. A value exactly
 // halfway between two entries goes to the lower one. Values outside the map's

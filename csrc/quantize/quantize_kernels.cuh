@@ -11,29 +11,37 @@ namespace cuda {
 
 using core::QuantType;
 
-// Search tables of the encoders, copied into shared memory by each block: the
-// lanes of a warp probe different entries, and 16 entries in 16 banks never
-// conflict (constant memory would serialise divergent addresses).
-static __constant__ float kNF4MidpointsDev[15] = {LOWBIT_NF4_MIDPOINTS};
-static __constant__ float kFP4ThresholdsDev[7] = {LOWBIT_FP4_THRESHOLDS};
+// The encoders' cell tables (core::EncoderTables, built at compile time) in
+// constant memory; each block copies its quant type's table into shared
+// memory, where the lanes' scattered byte lookups are served in one pass.
+static __constant__ core::EncoderTables kEncoderTablesDev = core::EncoderTables();
 
 template <QuantType QT>
-__device__ __forceinline__ void load_encode_table(float* table) {
-  if (threadIdx.x < 16) {
-    const int i = threadIdx.x;
-    table[i] = QT == QuantType::NF4 ? kNF4MidpointsDev[i < 15 ? i : 14] : kFP4ThresholdsDev[i < 7 ? i : 6];
+struct SharedEncoder {
+  uint32_t cell[core::kCells / 4];
+  float bound[17];
+
+  __device__ __forceinline__ void load() {
+    const uint8_t* src = QT == QuantType::NF4 ? kEncoderTablesDev.nf4_cell : kEncoderTablesDev.fp4_cell;
+    const float* b = QT == QuantType::NF4 ? kEncoderTablesDev.nf4_bound : kEncoderTablesDev.fp4_bound;
+    for (int i = threadIdx.x; i < core::kCells / 4; i += blockDim.x)
+      cell[i] = reinterpret_cast<const uint32_t*>(src)[i];
+    if (threadIdx.x < (QT == QuantType::NF4 ? 17 : 9)) bound[threadIdx.x] = b[threadIdx.x];
+    __syncthreads();
   }
-  __syncthreads();
-}
+  __device__ __forceinline__ core::Encoder4 view() const {
+    return core::Encoder4{reinterpret_cast<const uint8_t*>(cell), bound};
+  }
+};
 
 // Packs the codes of 8 scaled values: element 2j in the high nibble of byte j.
 template <QuantType QT>
-__device__ __forceinline__ uint32_t encode8(const float* table, const float v[8], float inv) {
+__device__ __forceinline__ uint32_t encode8(const core::Encoder4& enc, const float v[8], float inv) {
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t hi = core::encode_4bit(QT, table, v[2 * j] * inv);
-    const uint32_t lo = core::encode_4bit(QT, table, v[2 * j + 1] * inv);
+    const uint32_t hi = core::encode_4bit(QT, enc, v[2 * j] * inv);
+    const uint32_t lo = core::encode_4bit(QT, enc, v[2 * j + 1] * inv);
     word |= ((hi << 4) | lo) << (8 * j);
   }
   return word;
@@ -68,8 +76,9 @@ __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __res
                                                                    float* __restrict__ absmax) {
   static_assert(BS % 8 == 0 && BS / 8 <= 32, "block must fit one warp");
   constexpr int TPB = BS / 8;
-  __shared__ float table[16];
-  load_encode_table<QT>(table);
+  __shared__ SharedEncoder<QT> shared_enc;
+  shared_enc.load();
+  const core::Encoder4 enc = shared_enc.view();
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t first = (tid / 32) * (32 * kQuantChunks) + (tid % 32);
   float v[kQuantChunks][8];
@@ -87,7 +96,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __res
     const float am = core::absmax_finish(m);
     if (base < n) {
       if ((threadIdx.x % TPB) == 0) absmax[base / BS] = am;
-      store_packed4(packed, base, nbytes, encode8<QT>(table, v[j], core::inverse_scale(am)));
+      store_packed4(packed, base, nbytes, encode8<QT>(enc, v[j], core::inverse_scale(am)));
     }
   }
 }
@@ -99,8 +108,9 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
                                                                    int64_t nblocks, uint8_t* __restrict__ packed,
                                                                    float* __restrict__ absmax) {
   constexpr int CHUNKS = BS / 256;  // 8-element chunks per lane
-  __shared__ float table[16];
-  load_encode_table<QT>(table);
+  __shared__ SharedEncoder<QT> shared_enc;
+  shared_enc.load();
+  const core::Encoder4 enc = shared_enc.view();
   const int64_t block = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (block >= nblocks) return;
@@ -122,7 +132,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
     const int64_t base = start + (c * 32 + lane) * 8;
     if (base >= n) break;
     load8(x, base, n, vec, v);
-    store_packed4(packed, base, nbytes, encode8<QT>(table, v, inv));
+    store_packed4(packed, base, nbytes, encode8<QT>(enc, v, inv));
   }
 }
 

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -176,5 +177,63 @@ TEST_CASE("nested scales: product rounded before the offset is added") {
   for (int b = 0; b < 2; ++b) {
     const float prod = kDynamicMapSigned[q[b]] * 0.3f;
     REQUIRE(block_scale(s, b) == prod + 0.125f);
+  }
+}
+
+TEST_CASE("fast cell-table encoders equal the exact search for every kind of float") {
+  const Encoder4 nf4 = host_encoder(QuantType::NF4);
+  const Encoder4 fp4 = host_encoder(QuantType::FP4);
+  auto check = [&](float s) {
+    INFO("s = " << s);
+    REQUIRE(encode_4bit(QuantType::NF4, nf4, s) == encode_nf4(kNF4Midpoints, s));
+    REQUIRE(encode_4bit(QuantType::FP4, fp4, s) == encode_fp4(kFP4Thresholds, s));
+  };
+  for (float s : sweep(1 << 21, -1.001f, 1.001f)) check(s);
+  for (float s : sweep(100000, -50.0f, 50.0f)) check(s);
+  // Every threshold and its neighbouring floats, on both sides of zero.
+  for (float t : kNF4Midpoints) {
+    float lo = t, hi = t;
+    for (int k = 0; k < 8; ++k, lo = std::nextafter(lo, -2.0f), hi = std::nextafter(hi, 2.0f)) {
+      check(lo);
+      check(hi);
+    }
+  }
+  for (float t : kFP4Thresholds) {
+    for (float sgn : {1.0f, -1.0f}) {
+      float lo = t, hi = t;
+      for (int k = 0; k < 8; ++k, lo = std::nextafter(lo, 0.0f), hi = std::nextafter(hi, 2.0f)) {
+        check(sgn * lo);
+        check(sgn * hi);
+      }
+    }
+  }
+  // Grid points and the floats around them (where the cell index rounds).
+  for (int i = 0; i <= 1024; ++i) {
+    const float g = i / 512.0f - 1.0f, h = i / 1024.0f;
+    for (float v : {g, std::nextafter(g, -2.0f), std::nextafter(g, 2.0f), h, -h, std::nextafter(h, 2.0f)}) check(v);
+  }
+  std::mt19937 rng(99);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 1000000; ++i) {
+    uint32_t u = bits(rng);
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    if (!std::isnan(f)) check(f);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float v : {0.0f, -0.0f, 1.0f, -1.0f, 1.0000001f, -1.0000001f, 1e-30f, -1e-30f, 5e-39f, inf, -inf}) check(v);
+  // NaN (a flagged block): code 0, as the exact search gives.
+  REQUIRE(encode_4bit(QuantType::NF4, nf4, std::numeric_limits<float>::quiet_NaN()) == 0);
+  REQUIRE(encode_4bit(QuantType::FP4, fp4, std::numeric_limits<float>::quiet_NaN()) == 0);
+}
+
+TEST_CASE("fast encoders give code 0 for every NaN bit pattern") {
+  const Encoder4 nf4 = host_encoder(QuantType::NF4);
+  const Encoder4 fp4 = host_encoder(QuantType::FP4);
+  for (uint32_t u : {0x7FC00000u, 0xFFC00000u, 0x7FFFFFFFu, 0xFFFFFFFFu, 0x7F800001u}) {
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    REQUIRE(encode_4bit(QuantType::NF4, nf4, f) == 0);
+    REQUIRE(encode_4bit(QuantType::FP4, fp4, f) == 0);
   }
 }
