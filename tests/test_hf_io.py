@@ -104,6 +104,28 @@ def test_load_pretrained_4bit_lora_and_freezing(base_dir):
     assert torch.equal(logits(model, x), logits(plain, x))
 
 
+def test_load_pretrained_4bit_drops_each_16bit_weight(base_dir, monkeypatch):
+    # Every 16-bit weight must be gone before the next one is quantized: the
+    # peak is the 4-bit model plus one 16-bit tensor, never the whole model.
+    import weakref
+
+    from lowbit.io import hf
+
+    seen, live_at_call = [], []
+    quantize = hf.F.quantize_4bit
+
+    def spy(w, *a, **kw):
+        if not w.is_meta:  # meta: the skeleton's placeholders, no memory
+            live_at_call.append(sum(r() is not None for r in seen))
+            seen.append(weakref.ref(w))
+        return quantize(w, *a, **kw)
+
+    monkeypatch.setattr(hf.F, "quantize_4bit", spy)
+    lowbit.load_pretrained_4bit(base_dir, device="cpu", lora_r=0, progress=False)
+    assert len(seen) == 14 and live_at_call == [0] * 14
+    assert all(r() is None for r in seen)
+
+
 # ------------------------------------------------------------------ save -> load
 
 
@@ -171,6 +193,27 @@ def test_plain_module_with_skeleton(tmp_path):
 
 
 # ------------------------------------------------------------------ bitsandbytes interop
+
+
+@needs_bnb
+def test_biased_tied_model_through_transformers_bnb(tmp_path):
+    # Qwen2: q/k/v projections carry biases, and the embeddings are tied.
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    model, _ = lowbit.load_pretrained_4bit(str(tmp_path / "base"), device="cpu", lora_r=0, progress=False)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    lowbit.save_quantized(model, str(tmp_path / "q"))
+    bq = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), device_map="cpu")
+    assert isinstance(bq.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
+    assert torch.equal(bq.model.layers[0].self_attn.k_proj.bias, model.model.layers[0].self_attn.k_proj.bias)
+    x = ids()
+    ref, got = logits(bq, x), logits(model, x)
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert torch.equal(logits(lowbit.load_quantized(str(tmp_path / "q"), device="cpu", progress=False), x), got)
+
+
 
 
 def bnb_dequant(layer):
