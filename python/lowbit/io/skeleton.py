@@ -6,7 +6,7 @@ import contextlib
 import copy
 import json
 import os
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Set
 
 import torch
 import torch.nn as nn
