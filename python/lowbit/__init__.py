@@ -14,6 +14,8 @@ from .functional import QuantState, dequantize_4bit, quantize_4bit
 from . import nn
 from .nn import Linear4bit, quantize_model
 from .adapters import load_adapter, save_adapter
+from . import io
+from .io import load_pretrained_4bit, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,9 @@ __all__ = [
     "Linear4bit",
     "QuantState",
     "load_adapter",
+    "load_pretrained_4bit",
+    "load_quantized",
+    "save_quantized",
     "quantize_model",
     "save_adapter",
     "cuda_available",

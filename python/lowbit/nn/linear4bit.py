@@ -188,8 +188,11 @@ class Linear4bit(nn.Module):
         if wkey in state_dict:
             packed = state_dict[wkey]
             layer = prefix[:-1] or "Linear4bit"
+            # A layer built on the meta device (a model skeleton) takes the
+            # checkpoint's tensors where they are; moving them to meta would drop them.
+            dev = None if self.weight.is_meta else self.weight.device
             try:
-                state = F.QuantState.from_state_dict(qs, wkey + ".", device=self.weight.device)
+                state = F.QuantState.from_state_dict(qs, wkey + ".", device=dev)
                 state.validate(packed, where=f"{layer}: quant state")
             except (KeyError, ValueError) as e:
                 raise ValueError(f"{layer}: cannot load the 4-bit weight: {e}") from None
@@ -198,7 +201,8 @@ class Linear4bit(nn.Module):
                     f"{layer}: checkpoint weight has shape {list(state.shape)}, this layer is "
                     f"[{self.out_features}, {self.in_features}]"
                 )
-            self.weight = nn.Parameter(packed.to(self.weight.device).view(-1, 1).clone(), requires_grad=False)
+            packed = packed if dev is None else packed.to(dev)
+            self.weight = nn.Parameter(packed.view(-1, 1).clone(), requires_grad=False)
             self.quant_state = state
             self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
         # The rest (bias, LoRA) loads the usual way; the packed weight was taken above.
