@@ -7,7 +7,7 @@ short generation with the trained adapter.
 The command line does the training (`lowbit-finetune`, here called as a
 function with a few of its flags); this script then reloads the adapter onto a
 freshly quantized copy of the model to show that the saved files are all a
-later session needs.
+later run needs.
 """
 import os
 import sys
