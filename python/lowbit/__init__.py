@@ -3,7 +3,7 @@
 NF4/FP4 4-bit weights with double-quantized scales (byte-compatible with
 bitsandbytes checkpoints), 4-bit matmul kernels, and the Python around them.
 """
-import torch
+import torch  # noqa: F401  (first: lowbit._C links against libtorch)
 
 from . import _C  # noqa: F401  (loads the op library: torch.ops.lowbit)
 from . import ops  # noqa: F401  (fake kernels and autograd registrations)

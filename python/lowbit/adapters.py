@@ -5,32 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from ._files import atomic_write
 from .nn.linear4bit import Linear4bit
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
-
-
-def _atomic_write(path: str, write):
-    # Write beside the target, then rename: an interrupted save never leaves a
-    # half-written file under the real name.
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _lora_layers(model: nn.Module) -> Dict[str, Linear4bit]:
@@ -70,14 +55,14 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: Opti
         "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
     }
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME),
+    atomic_write(os.path.join(directory, WEIGHTS_NAME),
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_config(p):
         with open(p, "w") as f:
             json.dump(config, f, indent=2)
 
-    _atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+    atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
     return directory
 
 

@@ -252,11 +252,11 @@ def adapter_tensors(model) -> dict:
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, step: int, losses: List[float], meta: dict):
-    from lowbit.adapters import _atomic_write
+    from lowbit._files import atomic_write
 
     state = dict(step=step, losses=losses, meta=meta, adapter=adapter_tensors(model),
                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> Tuple[int, List[float]]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
+
+from .._files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -19,28 +20,6 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def atomic_write(path: str, write) -> None:
-    """Calls write(tmp) on a temporary file beside `path`, then renames it over
-    `path`, so an interrupted save never leaves a half-written file under the
-    real name."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(p):
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def parse_size(size: Union[int, str]) -> int:

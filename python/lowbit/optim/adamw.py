@@ -23,7 +23,7 @@ import copy
 import math
 from collections import defaultdict
 from itertools import chain
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 

@@ -1,0 +1,28 @@
+"""Writing files so that an interrupted save never leaves a half-written file
+under the real name (checkpoints, adapters, shards)."""
+import os
+import tempfile
+
+
+def atomic_write(path: str, write) -> None:
+    """Calls write(tmp) on a temporary file beside `path`, then renames it over
+    `path`, so an interrupted save never leaves a half-written file under the
+    real name."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
