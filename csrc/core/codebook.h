@@ -52,10 +52,12 @@ LOWBIT_HD uint8_t zero_code(QuantType qt) { return qt == QuantType::NF4 ? 7 : 0;
 static constexpr float kNF4Midpoints[15] = {LOWBIT_NF4_MIDPOINTS};
 static constexpr float kFP4Thresholds[7] = {LOWBIT_FP4_THRESHOLDS};
 
+// The exact definitions, by search; the fast encoders below must agree with
+// them for every float (the Catch2 tests check that).
+//
 // Nearest NF4 code of a value already scaled into [-1, 1]: the number of
 // midpoints strictly below s, found in four probes of a binary search (a value
-// equal to a midpoint goes to the lower code; NaN gives code 0). `mids` is
-// kNF4Midpoints or a copy of it (in shared memory on the GPU).
+// equal to a midpoint goes to the lower code; NaN gives code 0).
 LOWBIT_HD uint8_t encode_nf4(const float* mids, float s) {
   int c = s > mids[7] ? 8 : 0;
   c += s > mids[c + 3] ? 4 : 0;
