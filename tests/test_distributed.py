@@ -53,7 +53,8 @@ def lora_state(model):
 def make_optimizer(model):
     import lowbit
 
-    return lowbit.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR)
+    # min_8bit_size=0: the tiny adapters get blockwise 8-bit states too (the default keeps float32 below 4096).
+    return lowbit.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR, min_8bit_size=0)
 
 
 def train_single():
