@@ -50,16 +50,17 @@ def lora_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def make_optimizer(model):
+def make_optimizer(model, min_8bit_size=0):
     import lowbit
 
     # min_8bit_size=0: the tiny adapters get blockwise 8-bit states too (the default keeps float32 below 4096).
-    return lowbit.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR, min_8bit_size=0)
+    return lowbit.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR,
+                                  min_8bit_size=min_8bit_size)
 
 
-def train_single():
+def train_single(min_8bit_size=0):
     model = build_model()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, min_8bit_size)
     losses = []
     for x, y in batches():
         loss = nn.functional.mse_loss(model(x), y)
@@ -120,11 +121,46 @@ def _worker_mismatch(rank, out):
     torch.save(messages, os.path.join(out, f"rank{rank}.pt"))
 
 
+def _worker_fsdp(rank, out):
+    # FSDP2 shards the LoRA adapters and biases only. The packed uint8 weights
+    # are passed as ignored_params and stay whole on every rank: fully_shard
+    # re-wraps each sharded parameter as nn.Parameter(requires_grad=True), which
+    # a uint8 tensor cannot be ("only Tensors of floating point dtype can require
+    # gradients"), and their QuantState is not a parameter at all. Sharding the
+    # 4-bit weights needs a tensor subclass with FSDP all-gather hooks (issue 7).
+    # The optimizer keeps float32 states here (min_8bit_size large): its 8-bit
+    # blocks would be each shard's own, so not the single-process layout.
+    import lowbit
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model()
+    lowbit.distributed.check_consistent(model)
+    for m in model.modules():
+        if isinstance(m, lowbit.Linear4bit):
+            fully_shard(m, ignored_params={m.weight})
+    fully_shard(model, ignored_params={p for p in model.parameters() if p.dtype == torch.uint8})
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters() if p.requires_grad)
+    opt = make_optimizer(model, min_8bit_size=1 << 30)
+    per = GLOBAL_BATCH // WORLD
+    losses = []
+    for x, y in batches():
+        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        loss = nn.functional.mse_loss(model(xs), ys)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        g = loss.detach().clone()
+        dist.all_reduce(g)
+        losses.append(g.item() / WORLD)
+    full = {k: v.full_tensor() for k, v in model.state_dict().items() if "lora_" in k}
+    torch.save({"losses": torch.tensor(losses, dtype=torch.float64), "lora": full}, os.path.join(out, f"rank{rank}.pt"))
+
+
 def _worker_main(mode, out):
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
-        {"ddp": _worker_ddp, "mismatch": _worker_mismatch}[mode](rank, out)
+        {"ddp": _worker_ddp, "mismatch": _worker_mismatch, "fsdp": _worker_fsdp}[mode](rank, out)
     finally:
         dist.destroy_process_group()
 
@@ -190,6 +226,20 @@ def test_check_consistent_rejects_mismatched_ranks(tmp_path):
         assert "r=4" in lora_msg and "r=8" in lora_msg
         assert "quant_state" in weights_msg
     assert ranks[0] == ranks[1]  # every rank raises the same error
+
+
+def test_fully_shard_lora_matches_single_process(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    ranks = _launch("fsdp", tmp_path)
+    losses, lora = train_single(min_8bit_size=1 << 30)
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(res["losses"], losses, rtol=1e-5, atol=1e-7, msg=f"rank {r} loss curve")
+        for k in lora:
+            torch.testing.assert_close(res["lora"][k], lora[k], rtol=1e-5, atol=1e-6, msg=f"rank {r} {k}")
 
 
 if __name__ == "__main__":
