@@ -15,6 +15,7 @@ from . import nn
 from .nn import Linear4bit, quantize_model
 from .adapters import load_adapter, save_adapter
 from . import io
+from . import distributed
 from .io import load_pretrained_4bit, load_quantized, save_quantized
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "quantize_model",
     "save_adapter",
     "cuda_available",
+    "distributed",
     "dequantize_4bit",
     "functional",
     "info",

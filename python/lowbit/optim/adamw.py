@@ -21,6 +21,7 @@ and both states unchanged.
 """
 import copy
 import math
+import sys
 from collections import defaultdict
 from itertools import chain
 from typing import Iterable
@@ -31,6 +32,13 @@ from .. import functional, ops
 
 BLOCKSIZE = 256
 _STATE_KEYS = ("step", "state1", "state2", "absmax1", "absmax2")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # Without torch.distributed.tensor imported there can be no DTensor; this
+    # keeps `import lowbit` from importing it.
+    dt = sys.modules.get("torch.distributed.tensor")
+    return dt is not None and isinstance(t, dt.DTensor)
 
 
 def _zero_code(signed: bool) -> int:
@@ -165,11 +173,18 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise RuntimeError(f"{name}: parameter {pi} of group {gi} has a sparse gradient; "
                                        f"{name} supports dense gradients only")
                 state = self.state[p]
+                # FSDP2 (fully_shard) holds parameters and gradients as DTensor
+                # shards, which the lowbit op does not take: step each rank's
+                # shard in place (AdamW is elementwise; the states are shard-sized
+                # and their 8-bit blocks are the shard's own).
+                g = p.grad
+                if _is_dtensor(p):
+                    p, g = p.to_local(), (g.to_local() if _is_dtensor(g) else g)
                 if not state:
                     self._init_state(p, state)
                 lists = per_device[p.device]
                 lists["p"].append(p)
-                lists["g"].append(p.grad)
+                lists["g"].append(g)
                 lists["s1"].append(state["state1"])
                 lists["s2"].append(state["state2"])
                 lists["a1"].append(state["absmax1"])
