@@ -26,11 +26,11 @@ import torch
 
 try:
     import lowbit
-    from lowbit.optim import AdamW8bit, PagedAdamW8bit
+    from lowbit.optim import AdamW8bit, PagedAdamW8bit, state_bytes
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, "python")
     import lowbit
-    from lowbit.optim import AdamW8bit, PagedAdamW8bit
+    from lowbit.optim import AdamW8bit, PagedAdamW8bit, state_bytes
 
 try:
     import bitsandbytes as bnb
@@ -76,15 +76,6 @@ def lora_shapes():
         for k, n in proj:
             shapes += [(RANK, k), (n, RANK)]  # A [r, in], B [out, r]
     return shapes
-
-
-def state_bytes(opt):
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-    return total
 
 
 def optimizers():

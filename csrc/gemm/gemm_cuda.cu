@@ -127,28 +127,19 @@ at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
   const bool nested = p.w.nested();
   const unsigned grid = static_cast<unsigned>(blocks);
   LOWBIT_CHECK(blocks < (int64_t{1} << 31), "lowbit.gemm_4bit: too many blocks");
-  AT_DISPATCH_SWITCH(p.a.scalar_type(), "gemm_4bit_tc", AT_DISPATCH_CASE(at::kHalf, [&] {
+  LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_tc", [&] {
                        switch (mt) {
                          case 1: launch_tc_mt<scalar_t, 1>(a, nested, ch, grid, stream); break;
                          case 2: launch_tc_mt<scalar_t, 2>(a, nested, ch, grid, stream); break;
                          default: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
                        }
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       switch (mt) {
-                         case 1: launch_tc_mt<scalar_t, 1>(a, nested, ch, grid, stream); break;
-                         case 2: launch_tc_mt<scalar_t, 2>(a, nested, ch, grid, stream); break;
-                         default: launch_tc_mt<scalar_t, 4>(a, nested, ch, grid, stream); break;
-                       }
-                     }));
+                     });
   if (splits > 1) {
     const int64_t n = M * N;
-    AT_DISPATCH_SWITCH(p.a.scalar_type(), "gemm_4bit_reduce", AT_DISPATCH_CASE(at::kHalf, [&] {
+    LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_reduce", [&] {
                          splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
                              a.partial, splits, n, N, static_cast<const scalar_t*>(a.bias), out.data_ptr<scalar_t>());
-                       }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                         splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
-                             a.partial, splits, n, N, static_cast<const scalar_t*>(a.bias), out.data_ptr<scalar_t>());
-                       }));
+                       });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
@@ -201,7 +192,7 @@ at::Tensor gemv_t(const GemmPlan& p, cudaStream_t stream) {
   a.splits = splits;
   const unsigned grid = static_cast<unsigned>(slices) * splits;
   const bool nested = p.w.nested();
-  AT_DISPATCH_SWITCH(p.a.scalar_type(), "gemm_4bit_t_gemv", AT_DISPATCH_CASE(at::kHalf, [&] {
+  LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_t_gemv", [&] {
                        if (nested)
                          gemv_t_kernel<scalar_t, kGemvTMaxM, true><<<grid, kGemvTThreads, 0, stream>>>(a);
                        else
@@ -211,17 +202,7 @@ at::Tensor gemv_t(const GemmPlan& p, cudaStream_t stream) {
                        splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
                            a.partial, splits, n, K, nullptr, out.data_ptr<scalar_t>());
                        C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       if (nested)
-                         gemv_t_kernel<scalar_t, kGemvTMaxM, true><<<grid, kGemvTThreads, 0, stream>>>(a);
-                       else
-                         gemv_t_kernel<scalar_t, kGemvTMaxM, false><<<grid, kGemvTThreads, 0, stream>>>(a);
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                       const int64_t n = M * K;
-                       splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
-                           a.partial, splits, n, K, nullptr, out.data_ptr<scalar_t>());
-                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                     }));
+                     });
   return out;
 }
 
