@@ -13,7 +13,7 @@ $PY -X faulthandler -m pytest -v tests/test_gemm.py -k "test_errors" 2>&1 | tee 
 $PY -X faulthandler -m pytest -v tests/test_gemm.py -k "not graph_capture" 2>&1 | tee "$OUT/tests.log" | grep -E "FAIL|Error|passed|failed|Fatal|test_gemm.py::" | grep -v PASSED | tail -15
 $PY -X faulthandler -m pytest -v tests/test_gemm.py -k "graph_capture" 2>&1 | tee "$OUT/tests_graph.log" | tail -8
 for tool in memcheck racecheck; do
-  timeout 150 compute-sanitizer --tool $tool --print-limit 20 $PY benchmarks/gemm_sanitize_cases.py > "$OUT/$tool.log" 2>&1
+  timeout 150 compute-sanitizer --tool $tool --print-limit 20 $PY tests/gpu/sanitize_gemm.py > "$OUT/$tool.log" 2>&1
   echo "$tool: $(tail -2 "$OUT/$tool.log" | tr '\n' ' ')"
 done
 $PY benchmarks/bench_gemm.py "$@" --json "$OUT/bench.json" --png "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"
