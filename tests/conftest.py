@@ -27,7 +27,10 @@ def _fresh_seed(request):
 
 
 def pytest_runtest_makereport(item, call):
-    if call.when == "call" and call.excinfo is not None:
+    # The seed of a real failure only: not of skips or expected failures.
+    if (call.when == "call" and call.excinfo is not None
+            and not call.excinfo.errisinstance(pytest.skip.Exception)
+            and item.get_closest_marker("xfail") is None):
         for k, v in item.user_properties:
             if k == "seed":
                 print(f"\n[{item.nodeid}] torch seed {v}")
