@@ -78,44 +78,59 @@ LOWBIT_HD uint8_t encode_fp4(const float* thresholds, float s) {
   return static_cast<uint8_t>(((0x32547610u >> (4 * b)) & 0xFu) | sign);
 }
 
-// The fast encoders used by the quantize kernels and the CPU alike. A value
-// is rounded onto a fine grid (step 1/512 over [-1, 3) for NF4, 1/1024 over
-// |s| in [0, 2) for FP4); grid point i owns the closed cell of values that
-// round to it, [(i - 1/2) step, (i + 1/2) step]. No cell holds two thresholds
-// (the closest NF4 midpoints are 0.08 apart, FP4's thresholds 0.0026 or more)
-// and none lies on a cell edge, so a cell's code is its lower edge's code `lo`
-// or, past the one threshold above it, lo + 1: one table byte and one
-// comparison give the exact nearest code, ties included. Values off the grid
-// (a stale scale, +-inf) take the end cells; NaN lands in cell 0 (code 0).
-constexpr int kCells = 2048;
+// The fast encoders used by the quantize kernels and the CPU alike. A scaled
+// value is clamped to [-1, 1] (|s| to [0, 1] for FP4) and rounded onto a grid
+// of step 1/16; grid point i owns the closed cell of values that round to it.
+// A cell (width 1/16 = 0.0625) is narrower than the gap between any two
+// neighbouring thresholds (NF4 midpoints are 0.08 or more apart, FP4's
+// thresholds 0.083 or more) and no threshold lies within 0.004 of a cell
+// edge, so each cell holds at most one threshold: the code is the cell's
+// lower-edge code plus one past that threshold. One table byte, one table
+// float and one comparison give the exact nearest code, ties included. The
+// tables are small (33 and 17 cells): the lanes of a warp read distinct
+// shared-memory banks (or broadcast), so the lookups never conflict.
+// Values off the grid (a stale scale, +-inf) take the end cells; NaN clamps
+// to the low end (code 0).
+constexpr int kCells = 64;       // table entries per quant type (33 / 17 used)
+constexpr float kCellsPerUnit = 16.0f;
 
 struct EncoderTables {
-  uint8_t nf4_cell[kCells];  // code of cell i's lower edge (i - 1/2) / 512 - 1
-  uint8_t fp4_cell[kCells];  // magnitude bucket of cell i's lower edge (i - 1/2) / 1024
-  // bound[c + 1] is the threshold above code (bucket) c; NaN after the last,
-  // which no comparison passes.
-  float nf4_bound[17];
-  float fp4_bound[9];
+  uint8_t nf4_code[kCells];  // code of cell i's lower edge (i - 1/2) / 16 - 1
+  uint8_t fp4_code[kCells];  // magnitude bucket of cell i's lower edge (i - 1/2) / 16
+  float nf4_thr[kCells];     // the threshold inside cell i, NaN if none (no comparison passes)
+  float fp4_thr[kCells];
+  bool one_per_cell;         // checked at compile time below
 
-  constexpr EncoderTables() : nf4_cell(), fp4_cell(), nf4_bound(), fp4_bound() {
+  constexpr EncoderTables() : nf4_code(), fp4_code(), nf4_thr(), fp4_thr(), one_per_cell(true) {
     for (int i = 0; i < kCells; ++i) {
-      const double v = (i - 0.5) / 512.0 - 1.0;
-      const double a = (i - 0.5) / 1024.0;
-      int c = 0, b = 0;
-      for (float m : kNF4Midpoints) c += v > static_cast<double>(m);
-      for (float t : kFP4Thresholds) b += a > static_cast<double>(t);
-      nf4_cell[i] = static_cast<uint8_t>(c);
-      fp4_cell[i] = static_cast<uint8_t>(b);
+      const double lo = (i - 0.5) / 16.0, hi = (i + 0.5) / 16.0;
+      int c = 0, b = 0, nc = 0, nb = 0;
+      nf4_thr[i] = fp4_thr[i] = __builtin_nanf("");
+      for (float m : kNF4Midpoints) {
+        const double t = static_cast<double>(m) + 1.0;
+        c += t < lo;
+        if (t >= lo && t <= hi) {
+          nf4_thr[i] = m;
+          ++nc;
+        }
+      }
+      for (float m : kFP4Thresholds) {
+        const double t = static_cast<double>(m);
+        b += t < lo;
+        if (t >= lo && t <= hi) {
+          fp4_thr[i] = m;
+          ++nb;
+        }
+      }
+      nf4_code[i] = static_cast<uint8_t>(c);
+      fp4_code[i] = static_cast<uint8_t>(b);
+      if (nc > 1 || nb > 1) one_per_cell = false;
     }
-    nf4_bound[0] = fp4_bound[0] = -__builtin_inff();
-    for (int k = 0; k < 15; ++k) nf4_bound[k + 1] = kNF4Midpoints[k];
-    nf4_bound[16] = __builtin_nanf("");
-    for (int k = 0; k < 7; ++k) fp4_bound[k + 1] = kFP4Thresholds[k];
-    fp4_bound[8] = __builtin_nanf("");
   }
 };
 
 static constexpr EncoderTables kEncoderTables{};
+static_assert(kEncoderTables.one_per_cell, "a grid cell holds two thresholds: make the cells finer");
 
 LOWBIT_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -144,33 +159,33 @@ LOWBIT_HD float clamp_to(float v, float lo, float hi) {
 #endif
 }
 
-LOWBIT_HD uint8_t encode_nf4_fast(const uint8_t* cell, const float* bound, float s) {
-  const int c = cell[grid_cell(clamp_to(s, -1.0f, 2.0f) * 512.0f, 512.0f)];
-  return static_cast<uint8_t>(c + (s > bound[c + 1] ? 1 : 0));
+LOWBIT_HD uint8_t encode_nf4_fast(const uint8_t* code, const float* thr, float s) {
+  const uint32_t i = grid_cell(clamp_to(s, -1.0f, 1.0f) * kCellsPerUnit, kCellsPerUnit);
+  return static_cast<uint8_t>(code[i] + (s > thr[i] ? 1 : 0));
 }
 
-LOWBIT_HD uint8_t encode_fp4_fast(const uint8_t* cell, const float* bound, float s) {
+LOWBIT_HD uint8_t encode_fp4_fast(const uint8_t* code, const float* thr, float s) {
   const uint32_t sign = s < 0.0f ? 8u : 0u;
   const float a = s < 0.0f ? -s : s;
-  int b = cell[grid_cell(clamp_to(a, 0.0f, 1.5f) * 1024.0f, 0.0f)];
-  b += a > bound[b + 1] ? 1 : 0;
+  const uint32_t i = grid_cell(clamp_to(a, 0.0f, 1.0f) * kCellsPerUnit, 0.0f);
+  const int b = code[i] + (a > thr[i] ? 1 : 0);
   return static_cast<uint8_t>(((0x32547610u >> (4 * b)) & 0xFu) | sign);
 }
 
-// The encoder of one quant type: its cell table and thresholds (host copies
-// here; the kernels use copies in shared memory).
+// The encoder of one quant type: its cell tables (host copies here; the
+// kernels use copies in shared memory).
 struct Encoder4 {
-  const uint8_t* cell;
-  const float* bound;
+  const uint8_t* code;
+  const float* thr;
 };
 
 inline Encoder4 host_encoder(QuantType qt) {
-  return qt == QuantType::NF4 ? Encoder4{kEncoderTables.nf4_cell, kEncoderTables.nf4_bound}
-                              : Encoder4{kEncoderTables.fp4_cell, kEncoderTables.fp4_bound};
+  return qt == QuantType::NF4 ? Encoder4{kEncoderTables.nf4_code, kEncoderTables.nf4_thr}
+                              : Encoder4{kEncoderTables.fp4_code, kEncoderTables.fp4_thr};
 }
 
 LOWBIT_HD uint8_t encode_4bit(QuantType qt, const Encoder4& e, float s) {
-  return qt == QuantType::NF4 ? encode_nf4_fast(e.cell, e.bound, s) : encode_fp4_fast(e.cell, e.bound, s);
+  return qt == QuantType::NF4 ? encode_nf4_fast(e.code, e.thr, s) : encode_fp4_fast(e.code, e.thr, s);
 }
 
 // Scale factor applied to a block: the reciprocal of its absmax (a multiply,
@@ -227,6 +242,60 @@ LOWBIT_HD uint8_t encode_8bit(const float* code, float x) {
   // Between entries lo and lo+1: compare against their float32 midpoint.
   const float mid = (code[lo] + code[lo + 1]) * 0.5f;
   return static_cast<uint8_t>(x > mid ? lo + 1 : lo);
+}
+
+// A faster exact encoder for a sorted 256-entry map, used by the optimizer
+// kernels. encode_8bit(code, x) equals the number of midpoints strictly below
+// x (midpoint i = (code[i] + code[i+1]) * 0.5f), for x clamped to [-1, 1].
+// The clamped x falls into one of kMapCells cells cut along its float bits:
+// sign, 25 binades (2^-24 .. 1) of 128 cells each (the top 7 mantissa bits)
+// and one cell for |x| < 2^-24, ordered by value. A table gives, per cell,
+// the number of midpoints in earlier cells; when no cell holds two midpoints
+// (true of both dynamic maps: the finest, the unsigned map's top decade, has
+// its midpoints 0.007 apart against cells of 0.0039), the code is that count
+// plus one if x lies above the next midpoint. One byte and one float lookup
+// replace the eight probes of a binary search.
+constexpr uint32_t kMapCellFloor = (103u << 7) - 1u;                    // bits >> 16 of the largest |x| < 2^-24
+constexpr int kMapCellsPerSign = static_cast<int>((127u << 7) - kMapCellFloor) + 1;  // |x| <= 1
+constexpr int kMapCells = 2 * kMapCellsPerSign;
+
+// Cell of x in [-1, 1] (not NaN), non-decreasing in x.
+LOWBIT_HD uint32_t map_cell(float x) {
+  const uint32_t b = float_bits(x);
+  const uint32_t a = (b >> 16) & 0x7FFFu;
+  const uint32_t mag = (a > kMapCellFloor ? a : kMapCellFloor) - kMapCellFloor;
+  const uint32_t neg = 0u - (b >> 31);  // all ones for a negative x: mag ^ neg = -1 - mag
+  return static_cast<uint32_t>(kMapCellsPerSign) + (mag ^ neg);
+}
+
+LOWBIT_HD float map_midpoint(const float* code, int i) { return (code[i] + code[i + 1]) * 0.5f; }
+
+// Host construction of the cell table (count[kMapCells]) and midpoints
+// (mid[256], mid[255] = NaN so no value passes it). Returns false when the
+// map is not strictly ascending or a cell would hold two midpoints; the
+// caller then keeps the binary search.
+inline bool build_map_cells(const float* code, uint8_t* count, float* mid) {
+  uint32_t cells[255];
+  for (int i = 0; i < 255; ++i) {
+    if (!(code[i] < code[i + 1]) || code[i] < -1.0f || code[i + 1] > 1.0f) return false;
+    mid[i] = map_midpoint(code, i);
+    if (!(code[i] < mid[i] && mid[i] < code[i + 1])) return false;
+    cells[i] = map_cell(mid[i]);
+    if (i > 0 && cells[i] <= cells[i - 1]) return false;
+  }
+  mid[255] = __builtin_nanf("");
+  int k = 0;
+  for (int o = 0; o < kMapCells; ++o) {
+    while (k < 255 && cells[k] < static_cast<uint32_t>(o)) ++k;
+    count[o] = static_cast<uint8_t>(k);
+  }
+  return true;
+}
+
+LOWBIT_HD uint8_t encode_8bit_cells(const uint8_t* count, const float* mid, float x) {
+  const float c = clamp_to(x, -1.0f, 1.0f);
+  const uint32_t t = count[map_cell(c)];
+  return static_cast<uint8_t>(t + (c > mid[t] ? 1u : 0u));
 }
 
 }  // namespace core

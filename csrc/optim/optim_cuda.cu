@@ -19,7 +19,8 @@ namespace {
 bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
 
 template <typename T>
-void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamArgs& args, cudaStream_t stream) {
+void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamArgs& args, const uint8_t* table,
+                  cudaStream_t stream) {
   size_t pos = 0;
   while (pos < group.size()) {
     cuda::AdamTensorList tl{};
@@ -53,7 +54,7 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
     tl.count = count;
     if (chunks == 0) continue;
     cuda::adamw_multi_tensor_kernel<T>
-        <<<static_cast<unsigned>(chunks), cuda::kAdamThreads, 0, stream>>>(tl, args);
+        <<<static_cast<unsigned>(chunks), cuda::kAdamThreads, 0, stream>>>(tl, args, table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -85,15 +86,27 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   args.weight_decay = weight_decay;
 
   std::vector<const AdamTensor*> by_type[3];
+  bool any_eight_bit = false;
   for (const AdamTensor& t : plan.tensors) {
     if (t.n == 0) continue;
+    any_eight_bit |= t.eight_bit;
     const int k = t.p.scalar_type() == at::kFloat ? 0 : (t.p.scalar_type() == at::kHalf ? 1 : 2);
     by_type[k].push_back(&t);
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (!by_type[0].empty()) launch_group<float>(by_type[0], args, stream);
-  if (!by_type[1].empty()) launch_group<c10::Half>(by_type[1], args, stream);
-  if (!by_type[2].empty()) launch_group<c10::BFloat16>(by_type[2], args, stream);
+  // The encode tables of this call's maps (see build_map_cells_kernel): a few
+  // microseconds, on the stream, from the caching allocator.
+  at::Tensor table;
+  const uint8_t* table_ptr = nullptr;
+  if (any_eight_bit) {
+    table = at::zeros({cuda::kTableBytes}, plan.code1.options().dtype(at::kByte));
+    cuda::build_map_cells_kernel<<<2, 1024, 0, stream>>>(args.code1, args.code2, table.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table_ptr = table.const_data_ptr<uint8_t>();
+  }
+  if (!by_type[0].empty()) launch_group<float>(by_type[0], args, table_ptr, stream);
+  if (!by_type[1].empty()) launch_group<c10::Half>(by_type[1], args, table_ptr, stream);
+  if (!by_type[2].empty()) launch_group<c10::BFloat16>(by_type[2], args, table_ptr, stream);
 }
 
 }  // namespace

@@ -17,8 +17,8 @@ namespace cuda {
 
 constexpr int kAdamThreads = 256;
 constexpr int kAdamWarps = kAdamThreads / 32;
-constexpr int kBlocksPerWarp = 4;  // 256-element blocks per warp per chunk
-constexpr int64_t kChunk = int64_t{kAdamWarps} * kBlocksPerWarp * core::kAdamBlock;  // 8192
+constexpr int kBlocksPerWarp = 8;  // 256-element blocks per warp per chunk
+constexpr int64_t kChunk = int64_t{kAdamWarps} * kBlocksPerWarp * core::kAdamBlock;  // 16384
 // Keeps the argument struct under the classic 4 KiB kernel-parameter limit.
 constexpr int kMaxTensors = 48;
 
@@ -46,60 +46,204 @@ struct AdamArgs {
   double beta1, beta2, eps, weight_decay;
 };
 
-// The 256-entry maps live in shared memory with one padding word after every
-// 32 entries: the probes of one level of the binary search (entries spaced by
-// a power of two) then fall into different banks instead of the same one.
-__device__ __forceinline__ int skew(int i) { return i + (i >> 5); }
-constexpr int kSkewedSize = 256 + 256 / 32;
+// The 8-bit encode uses the cell tables of core::build_map_cells (one byte
+// and one float lookup per element instead of a binary search). A small
+// kernel builds them for the maps of this call into a scratch buffer; each
+// block of the update kernel copies them into shared memory. A map the
+// tables cannot serve (not strictly ascending, two midpoints in a cell)
+// clears the buffer's flag and the update kernel falls back to the search.
+constexpr int kCellBytes = (core::kMapCells + 15) / 16 * 16;
+constexpr int kTableMidOffset = 2 * kCellBytes;                  // mid1, mid2: 256 floats each
+constexpr int kTableFlagOffset = kTableMidOffset + 2 * 256 * 4;  // int32: 1 = both maps served
+constexpr int kTableBytes = kTableFlagOffset + 16;
 
-// Same result as core::encode_8bit (nearest entry, ties to the lower one,
-// NaN and values below the first entry to 0), reading the skewed tables;
-// `mid` holds the float32 midpoints (code[i] + code[i+1]) * 0.5f.
-__device__ __forceinline__ uint8_t encode_8bit_smem(const float* code, const float* mid, float x) {
-  int lo = 0;
-#pragma unroll
-  for (int step = 128; step > 0; step >>= 1) {
-    const int probe = lo + step;
-    if (code[skew(probe)] <= x) lo = probe;
+__global__ void __launch_bounds__(1024) build_map_cells_kernel(const float* __restrict__ code1,
+                                                               const float* __restrict__ code2,
+                                                               uint8_t* __restrict__ table) {
+  __shared__ float code[256];
+  __shared__ uint32_t cells[256];
+  __shared__ int bad;
+  const int map = blockIdx.x;
+  const float* src = map == 0 ? code1 : code2;
+  float* mid = reinterpret_cast<float*>(table + kTableMidOffset) + 256 * map;
+  uint8_t* count = table + kCellBytes * map;
+  const int i = threadIdx.x;
+  if (i == 0) bad = 0;
+  if (i < 256) code[i] = src[i];
+  __syncthreads();
+  if (i < 255) {
+    const float m = core::map_midpoint(code, i);
+    const bool ok = code[i] >= -1.0f && code[i + 1] <= 1.0f && code[i] < m && m < code[i + 1];
+    if (!ok) atomicOr(&bad, 1);
+    mid[i] = m;
+    cells[i] = core::map_cell(ok ? m : 0.0f);
+  } else if (i == 255) {
+    mid[255] = __int_as_float(0x7FC00000);  // NaN: no value lies above it
   }
-  if (lo == 255) return 255;
-  if (lo == 0 && !(code[0] <= x)) return 0;
-  return static_cast<uint8_t>(x > mid[skew(lo)] ? lo + 1 : lo);
+  __syncthreads();
+  if (i > 0 && i < 255 && cells[i] <= cells[i - 1]) atomicOr(&bad, 1);
+  __syncthreads();
+  for (int o = i; o < core::kMapCells; o += blockDim.x) {
+    // Midpoints in cells before o: a lower bound over the ascending cells.
+    int lo = 0, len = 255;
+    while (len > 0) {
+      const int half = len >> 1;
+      if (cells[lo + half] < static_cast<uint32_t>(o)) {
+        lo += half + 1;
+        len -= half + 1;
+      } else {
+        len = half;
+      }
+    }
+    count[o] = static_cast<uint8_t>(lo);
+  }
+  // Block 0 owns the flag; block 1 can only clear it.
+  if (i == 0) {
+    int* flag = reinterpret_cast<int*>(table + kTableFlagOffset);
+    if (map == 0) atomicOr(flag, bad ? 2 : 1);
+    else if (bad) atomicOr(flag, 2);
+  }
 }
 
-__device__ __forceinline__ void load8_u8(const uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec,
-                                         uint8_t out[8]) {
-  if (vec && base + 8 <= n) {
-    const uint2 w = *reinterpret_cast<const uint2*>(q + base);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      out[j] = static_cast<uint8_t>(w.x >> (8 * j));
-      out[4 + j] = static_cast<uint8_t>(w.y >> (8 * j));
+// Four consecutive elements (base a multiple of 4) as floats; past n read as 0.
+template <typename T>
+__device__ __forceinline__ void load4(const T* __restrict__ x, int64_t base, int64_t n, bool vec, float v[4]) {
+  if (vec && base + 4 <= n) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 a = *reinterpret_cast<const float4*>(x + base);
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    } else {
+      const uint2 r = *reinterpret_cast<const uint2*>(x + base);
+      unpack2<T>(r.x, v[0], v[1]);
+      unpack2<T>(r.y, v[2], v[3]);
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = (base + j < n) ? q[base + j] : 0;
+    for (int j = 0; j < 4; ++j) v[j] = (base + j < n) ? to_float(x[base + j]) : 0.0f;
   }
 }
 
-__device__ __forceinline__ void store8_u8(uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec,
-                                          const uint8_t v[8]) {
-  if (vec && base + 8 <= n) {
-    uint2 w;
-    w.x = v[0] | (v[1] << 8) | (v[2] << 16) | (static_cast<uint32_t>(v[3]) << 24);
-    w.y = v[4] | (v[5] << 8) | (v[6] << 16) | (static_cast<uint32_t>(v[7]) << 24);
-    *reinterpret_cast<uint2*>(q + base) = w;
+template <typename T>
+__device__ __forceinline__ void store4(T* __restrict__ out, int64_t base, int64_t n, bool vec, const float v[4]) {
+  if (vec && base + 4 <= n) {
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(out + base) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      uint2 w;
+      w.x = static_cast<uint32_t>(from_float<T>(v[0]).x) | (static_cast<uint32_t>(from_float<T>(v[1]).x) << 16);
+      w.y = static_cast<uint32_t>(from_float<T>(v[2]).x) | (static_cast<uint32_t>(from_float<T>(v[3]).x) << 16);
+      *reinterpret_cast<uint2*>(out + base) = w;
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (base + j < n) q[base + j] = v[j];
+    for (int j = 0; j < 4; ++j)
+      if (base + j < n) out[base + j] = from_float<T>(v[j]);
+  }
+}
+
+__device__ __forceinline__ uint32_t load4_u8(const uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec) {
+  if (vec && base + 4 <= n) return *reinterpret_cast<const uint32_t*>(q + base);
+  uint32_t w = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (base + j < n) w |= static_cast<uint32_t>(q[base + j]) << (8 * j);
+  return w;
+}
+
+__device__ __forceinline__ void store4_u8(uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec, uint32_t w) {
+  if (vec && base + 4 <= n) {
+    *reinterpret_cast<uint32_t*>(q + base) = w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (base + j < n) q[base + j] = static_cast<uint8_t>(w >> (8 * j));
+  }
+}
+
+struct SharedMaps {
+  uint8_t count1[kCellBytes], count2[kCellBytes];
+  float code1[256], code2[256], mid1[256], mid2[256];
+};
+
+template <bool CELLS>
+__device__ __forceinline__ uint32_t encode_state(const SharedMaps& sm, bool first, float x) {
+  if constexpr (CELLS)
+    return first ? core::encode_8bit_cells(sm.count1, sm.mid1, x) : core::encode_8bit_cells(sm.count2, sm.mid2, x);
+  else
+    return first ? core::encode_8bit(sm.code1, x) : core::encode_8bit(sm.code2, x);
+}
+
+// One 256-element block of an 8-bit parameter, one warp: lane l owns elements
+// 4l..4l+3 and 128+4l..128+4l+3, so every load and store of the warp is one
+// contiguous span. FULL: the block lies wholly before n (no bounds checks).
+template <typename T, bool CELLS, bool FULL>
+__device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::AdamWScalars& s, T* __restrict__ p,
+                                            const T* __restrict__ g, uint8_t* __restrict__ q1,
+                                            uint8_t* __restrict__ q2, float* __restrict__ a1,
+                                            float* __restrict__ a2, int64_t qblock, int64_t n, bool vec_p,
+                                            bool vec_s, int lane) {
+  const int64_t block_start = qblock * core::kAdamBlock;
+  int64_t base[2];
+  float pv[2][4], gv[2][4], mv[2][4], vv[2][4];
+  uint32_t w1[2], w2[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    base[h] = block_start + h * 128 + lane * 4;
+    load4(p, base[h], n, FULL || vec_p, pv[h]);
+    load4(g, base[h], n, FULL || vec_p, gv[h]);
+    w1[h] = load4_u8(q1, base[h], n, FULL || vec_s);
+    w2[h] = load4_u8(q2, base[h], n, FULL || vec_s);
+  }
+  const float am1 = a1[qblock], am2 = a2[qblock];
+  float max1 = 0.0f, max2 = 0.0f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (FULL || base[h] + j < n) {
+        mv[h][j] = __fmul_rn(sm.code1[(w1[h] >> (8 * j)) & 0xFF], am1);
+        vv[h][j] = __fmul_rn(sm.code2[(w2[h] >> (8 * j)) & 0xFF], am2);
+        core::adamw_element(s, gv[h][j], pv[h][j], mv[h][j], vv[h][j]);
+      } else {
+        mv[h][j] = 0.0f;  // past the end: must not raise the block absmax
+        vv[h][j] = 0.0f;
+      }
+      max1 = core::absmax_combine(max1, core::absmax_term(mv[h][j]));
+      max2 = core::absmax_combine(max2, core::absmax_term(vv[h][j]));
+    }
+  // Every lane has read the old absmax before any lane passes the shuffles,
+  // so lane 0 may overwrite it afterwards.
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    max1 = core::absmax_combine(max1, __shfl_xor_sync(0xffffffffu, max1, off));
+    max2 = core::absmax_combine(max2, __shfl_xor_sync(0xffffffffu, max2, off));
+  }
+  const float new1 = core::absmax_finish(max1), new2 = core::absmax_finish(max2);
+  if (lane == 0) {
+    a1[qblock] = new1;
+    a2[qblock] = new2;
+  }
+  const float inv1 = core::inverse_scale(new1), inv2 = core::inverse_scale(new2);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t c1 = 0, c2 = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      c1 |= encode_state<CELLS>(sm, true, __fmul_rn(mv[h][j], inv1)) << (8 * j);
+      c2 |= encode_state<CELLS>(sm, false, __fmul_rn(vv[h][j], inv2)) << (8 * j);
+    }
+    // A skipped (non-finite gradient) element stores its unchanged value back.
+    store4(p, base[h], n, FULL || vec_p, pv[h]);
+    store4_u8(q1, base[h], n, FULL || vec_s, c1);
+    store4_u8(q2, base[h], n, FULL || vec_s, c2);
   }
 }
 
 // At most 64 registers: four blocks (32 warps) per SM keep enough loads in flight.
 template <typename T>
-__global__ void __launch_bounds__(kAdamThreads, 4) adamw_multi_tensor_kernel(const AdamTensorList tl, const AdamArgs args) {
-  __shared__ float s_code1[kSkewedSize], s_code2[kSkewedSize], s_mid1[kSkewedSize], s_mid2[kSkewedSize];
+__global__ void __launch_bounds__(kAdamThreads, 4)
+    adamw_multi_tensor_kernel(const AdamTensorList tl, const AdamArgs args, const uint8_t* __restrict__ table) {
+  __shared__ __align__(16) SharedMaps sm;
 
   // Which tensor this block works on: a short scan of the chunk prefix sums.
   int t = 0;
@@ -130,13 +274,20 @@ __global__ void __launch_bounds__(kAdamThreads, 4) adamw_multi_tensor_kernel(con
     return;
   }
 
-  for (int i = threadIdx.x; i < 256; i += kAdamThreads) {
-    const float c1 = args.code1[i], c2 = args.code2[i];
-    s_code1[skew(i)] = c1;
-    s_code2[skew(i)] = c2;
-    // Midpoints exactly as core::encode_8bit computes them.
-    s_mid1[skew(i)] = i < 255 ? __fmul_rn(__fadd_rn(c1, args.code1[i + 1]), 0.5f) : c1;
-    s_mid2[skew(i)] = i < 255 ? __fmul_rn(__fadd_rn(c2, args.code2[i + 1]), 0.5f) : c2;
+  const bool cells = *reinterpret_cast<const int*>(table + kTableFlagOffset) == 1;
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(table);
+    uint4* dst = reinterpret_cast<uint4*>(&sm);
+    if (cells)
+      for (int i = threadIdx.x; i < 2 * kCellBytes / 16; i += kAdamThreads) dst[i] = src[i];
+    for (int i = threadIdx.x; i < 256; i += kAdamThreads) {
+      sm.code1[i] = args.code1[i];
+      sm.code2[i] = args.code2[i];
+      if (cells) {
+        sm.mid1[i] = reinterpret_cast<const float*>(table + kTableMidOffset)[i];
+        sm.mid2[i] = reinterpret_cast<const float*>(table + kTableMidOffset)[256 + i];
+      }
+    }
   }
   __syncthreads();
 
@@ -155,52 +306,15 @@ __global__ void __launch_bounds__(kAdamThreads, 4) adamw_multi_tensor_kernel(con
     const int64_t qblock = chunk * (kAdamWarps * kBlocksPerWarp) + it * kAdamWarps + warp;
     const int64_t block_start = qblock * core::kAdamBlock;
     if (block_start >= n) break;
-    const int64_t base = block_start + lane * 8;
-
-    float pv[8], gv[8], mv[8], vv[8];
-    uint8_t c1[8], c2[8];
-    load8(p, base, n, vec_p, pv);
-    load8(g, base, n, vec_p, gv);
-    load8_u8(q1, base, n, vec_s, c1);
-    load8_u8(q2, base, n, vec_s, c2);
-    const float am1 = a1[qblock], am2 = a2[qblock];
-
-    float max1 = 0.0f, max2 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (base + j < n) {
-        mv[j] = __fmul_rn(s_code1[skew(c1[j])], am1);
-        vv[j] = __fmul_rn(s_code2[skew(c2[j])], am2);
-        core::adamw_element(s, gv[j], pv[j], mv[j], vv[j]);
-      } else {
-        mv[j] = 0.0f;  // past the end: must not raise the block absmax
-        vv[j] = 0.0f;
-      }
-      max1 = core::absmax_combine(max1, core::absmax_term(mv[j]));
-      max2 = core::absmax_combine(max2, core::absmax_term(vv[j]));
+    const bool full = block_start + core::kAdamBlock <= n && vec_p && vec_s;
+    if (cells) {
+      if (full)
+        adamw_block<T, true, true>(sm, s, p, g, q1, q2, a1, a2, qblock, n, vec_p, vec_s, lane);
+      else
+        adamw_block<T, true, false>(sm, s, p, g, q1, q2, a1, a2, qblock, n, vec_p, vec_s, lane);
+    } else {
+      adamw_block<T, false, false>(sm, s, p, g, q1, q2, a1, a2, qblock, n, vec_p, vec_s, lane);
     }
-    // Every lane has read the old absmax before any lane passes the shuffles,
-    // so lane 0 may overwrite it afterwards.
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      max1 = core::absmax_combine(max1, __shfl_xor_sync(0xffffffffu, max1, off));
-      max2 = core::absmax_combine(max2, __shfl_xor_sync(0xffffffffu, max2, off));
-    }
-    const float new1 = core::absmax_finish(max1), new2 = core::absmax_finish(max2);
-    if (lane == 0) {
-      a1[qblock] = new1;
-      a2[qblock] = new2;
-    }
-    const float inv1 = core::inverse_scale(new1), inv2 = core::inverse_scale(new2);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      c1[j] = encode_8bit_smem(s_code1, s_mid1, __fmul_rn(mv[j], inv1));
-      c2[j] = encode_8bit_smem(s_code2, s_mid2, __fmul_rn(vv[j], inv2));
-    }
-    // A skipped (non-finite gradient) element stores its unchanged value back.
-    store8(p, base, n, vec_p, pv);
-    store8_u8(q1, base, n, vec_s, c1);
-    store8_u8(q2, base, n, vec_s, c2);
   }
 }
 

@@ -12,26 +12,27 @@ namespace cuda {
 using core::QuantType;
 
 // The encoders' cell tables (core::EncoderTables, built at compile time) in
-// constant memory; each block copies its quant type's table into shared
-// memory, where the lanes' scattered byte lookups are served in one pass.
+// constant memory; each block copies its quant type's tables (33 or 17
+// cells) into shared memory, where the lanes' scattered lookups fall into
+// distinct banks or broadcast.
 static __constant__ core::EncoderTables kEncoderTablesDev = core::EncoderTables();
 
 template <QuantType QT>
 struct SharedEncoder {
-  uint32_t cell[core::kCells / 4];
-  float bound[17];
+  static constexpr int kUsed = QT == QuantType::NF4 ? 33 : 17;
+  uint8_t code[core::kCells];
+  float thr[core::kCells];
 
   __device__ __forceinline__ void load() {
-    const uint8_t* src = QT == QuantType::NF4 ? kEncoderTablesDev.nf4_cell : kEncoderTablesDev.fp4_cell;
-    const float* b = QT == QuantType::NF4 ? kEncoderTablesDev.nf4_bound : kEncoderTablesDev.fp4_bound;
-    for (int i = threadIdx.x; i < core::kCells / 4; i += blockDim.x)
-      cell[i] = reinterpret_cast<const uint32_t*>(src)[i];
-    if (threadIdx.x < (QT == QuantType::NF4 ? 17 : 9)) bound[threadIdx.x] = b[threadIdx.x];
+    const uint8_t* c = QT == QuantType::NF4 ? kEncoderTablesDev.nf4_code : kEncoderTablesDev.fp4_code;
+    const float* t = QT == QuantType::NF4 ? kEncoderTablesDev.nf4_thr : kEncoderTablesDev.fp4_thr;
+    if (threadIdx.x < kUsed) {
+      code[threadIdx.x] = c[threadIdx.x];
+      thr[threadIdx.x] = t[threadIdx.x];
+    }
     __syncthreads();
   }
-  __device__ __forceinline__ core::Encoder4 view() const {
-    return core::Encoder4{reinterpret_cast<const uint8_t*>(cell), bound};
-  }
+  __device__ __forceinline__ core::Encoder4 view() const { return core::Encoder4{code, thr}; }
 };
 
 // Packs the codes of 8 scaled values: element 2j in the high nibble of byte j.

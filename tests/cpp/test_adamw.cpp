@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -162,4 +163,65 @@ TEST_CASE("float32-state range matches the element function", "[adamw]") {
     CHECK(v[i] == vw[i]);
   }
   CHECK(p[1] == -1.0f);
+}
+
+TEST_CASE("the cell-table 8-bit encoder equals the binary search", "[adamw]") {
+  for (const float* code : {kDynamicMapSigned, kDynamicMapUnsigned}) {
+    std::vector<uint8_t> count(kMapCells);
+    float mid[256];
+    REQUIRE(build_map_cells(code, count.data(), mid));
+    auto check = [&](float x) {
+      INFO("x = " << x);
+      REQUIRE(encode_8bit_cells(count.data(), mid, x) == encode_8bit(code, x));
+    };
+    // Every entry and midpoint and the floats around them.
+    for (int i = 0; i < 256; ++i) {
+      for (float c : {code[i], i < 255 ? map_midpoint(code, i) : code[i]}) {
+        float lo = c, hi = c;
+        for (int k = 0; k < 6; ++k, lo = std::nextafter(lo, -2.0f), hi = std::nextafter(hi, 2.0f)) {
+          check(lo);
+          check(hi);
+          check(-lo);
+        }
+      }
+    }
+    // Cell edges: every binade boundary and 7-bit mantissa step, both signs.
+    for (int e = 100; e <= 128; ++e)
+      for (uint32_t m = 0; m < 128; ++m) {
+        const uint32_t bits = (static_cast<uint32_t>(e) << 23) | (m << 16);
+        float f;
+        std::memcpy(&f, &bits, sizeof(f));
+        for (float v : {f, std::nextafter(f, 0.0f), std::nextafter(f, 4.0f)}) {
+          check(v);
+          check(-v);
+        }
+      }
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<uint32_t> bits;
+    std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+    for (int i = 0; i < 500000; ++i) {
+      uint32_t u = bits(rng);
+      float f;
+      std::memcpy(&f, &u, sizeof(f));
+      if (!std::isnan(f)) check(f);
+      const float w = unit(rng);
+      check(w);
+      check(w * w * w * w);  // many small magnitudes, as v / absmax gives
+    }
+    const float inf = std::numeric_limits<float>::infinity();
+    for (float v : {0.0f, -0.0f, 1.0f, -1.0f, 1.5f, -1.5f, 1e-30f, -1e-30f, 5e-39f, inf, -inf}) check(v);
+    REQUIRE(encode_8bit_cells(count.data(), mid, std::numeric_limits<float>::quiet_NaN()) == 0);
+  }
+}
+
+TEST_CASE("maps the cell table cannot serve are refused", "[adamw]") {
+  std::vector<uint8_t> count(kMapCells);
+  float mid[256];
+  float code[256];
+  for (int i = 0; i < 256; ++i) code[i] = -1.0f + 2.0f * i / 255.0f;
+  REQUIRE(build_map_cells(code, count.data(), mid));  // linear, 0.0078 apart: one per cell
+  code[10] = code[9];                                   // not strictly ascending
+  REQUIRE_FALSE(build_map_cells(code, count.data(), mid));
+  for (int i = 0; i < 256; ++i) code[i] = 0.9f + 0.1f * i / 255.0f;  // 256 entries within 0.1
+  REQUIRE_FALSE(build_map_cells(code, count.data(), mid));
 }

@@ -180,6 +180,13 @@ TEST_CASE("nested scales: product rounded before the offset is added") {
   }
 }
 
+TEST_CASE("cell tables: one threshold per cell, codes ascending") {
+  for (const uint8_t* code : {kEncoderTables.nf4_code, kEncoderTables.fp4_code})
+    for (int i = 1; i < kCells; ++i) REQUIRE(code[i] >= code[i - 1]);
+  REQUIRE(kEncoderTables.nf4_code[32] + (std::isnan(kEncoderTables.nf4_thr[32]) ? 0 : 1) == 15);
+  REQUIRE(kEncoderTables.fp4_code[16] + (std::isnan(kEncoderTables.fp4_thr[16]) ? 0 : 1) == 7);
+}
+
 TEST_CASE("fast cell-table encoders equal the exact search for every kind of float") {
   const Encoder4 nf4 = host_encoder(QuantType::NF4);
   const Encoder4 fp4 = host_encoder(QuantType::FP4);
@@ -207,10 +214,11 @@ TEST_CASE("fast cell-table encoders equal the exact search for every kind of flo
       }
     }
   }
-  // Grid points and the floats around them (where the cell index rounds).
-  for (int i = 0; i <= 1024; ++i) {
-    const float g = i / 512.0f - 1.0f, h = i / 1024.0f;
-    for (float v : {g, std::nextafter(g, -2.0f), std::nextafter(g, 2.0f), h, -h, std::nextafter(h, 2.0f)}) check(v);
+  // Grid points, cell edges (odd multiples of 1/32) and the floats around
+  // them (where the cell index rounds).
+  for (int i = -80; i <= 80; ++i) {
+    const float g = i / 32.0f;
+    for (float v : {g, std::nextafter(g, -2.0f), std::nextafter(g, 2.0f)}) check(v);
   }
   std::mt19937 rng(99);
   std::uniform_int_distribution<uint32_t> bits;
