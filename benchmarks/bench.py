@@ -6,10 +6,9 @@
     python benchmarks/bench.py --mode qlora7b [-- bench_qlora7b.py options]
 
 Prints a table and writes JSON (card, date, commit, numbers). Needs a CUDA GPU;
-bitsandbytes is timed in the same run when it is installed. The gemm and
-optim and qlora7b modes run their own scripts (benchmarks/bench_gemm.py,
-bench_optim.py, bench_qlora7b.py)
-with the options after `--`.
+bitsandbytes is timed in the same run when it is installed. The gemm, optim
+and qlora7b modes run their own scripts (benchmarks/bench_gemm.py,
+bench_optim.py, bench_qlora7b.py) with the options after `--`.
 """
 import argparse
 import datetime
