@@ -347,13 +347,13 @@ class MemoryPlan:
             return ""
         over = self.device_total - self.gpu_mem_bytes
         tips = []
-        act = self.checkpoints + self.layer_recompute + self.logits
+        worth = 256 * 2**20  # options that would save less than this are not suggested
         if not self.gradient_checkpointing:
             tips.append("turn on gradient checkpointing (saves all but one layer's activations)")
-        if not self.chunked_ce and self.logits > 0.1 * act:
+        if not self.chunked_ce and self.logits > worth:
             tips.append(f"compute the loss in chunks (--chunked-ce: logits {self.logits / GIB:.2f} GiB -> "
                         f"a few hundred MiB)")
-        if not self.offload_checkpoints and self.checkpoints > 0.1 * act:
+        if not self.offload_checkpoints and self.checkpoints > worth:
             tips.append(f"offload saved activations to host memory (--offload-checkpoints: "
                         f"{self.checkpoints / GIB:.2f} GiB)")
         if self.batch_size > 1:
