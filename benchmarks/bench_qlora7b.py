@@ -160,6 +160,14 @@ def _clean(device):
         torch.cuda.empty_cache()
 
 
+def _is_oom(e):
+    # The caching allocator raises OutOfMemoryError; cuBLAS and the managed
+    # allocation of the paged optimizer raise RuntimeErrors of their own.
+    msg = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        k in msg for k in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "managed memory"))
+
+
 def run_config(model, opt, device, vocab, batch, seq, steps, warmup, lean=False):
     """Median step time and the memory peaks of `steps` timed steps; None on OOM."""
     _clean(device)
@@ -179,7 +187,9 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, lean=False)
                 times.append(time.perf_counter() - t0)
         if not torch.isfinite(loss).all():
             raise RuntimeError(f"non-finite loss at {batch}x{seq}")
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not _is_oom(e):
+            raise
         oom = True
     if oom:
         opt.zero_grad(set_to_none=True)
