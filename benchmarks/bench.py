@@ -3,11 +3,12 @@
     python benchmarks/bench.py --mode quantize [--quick] [--json out.json]
     python benchmarks/bench.py --mode gemm  [-- bench_gemm.py options]
     python benchmarks/bench.py --mode optim [-- bench_optim.py options]
+    python benchmarks/bench.py --mode qlora7b [-- bench_qlora7b.py options]
 
 Prints a table and writes JSON (card, date, commit, numbers). Needs a CUDA GPU;
-bitsandbytes is timed in the same run when it is installed. The gemm and
-optim modes run their own scripts (benchmarks/bench_gemm.py, bench_optim.py)
-with the options after `--`.
+bitsandbytes is timed in the same run when it is installed. The gemm, optim
+and qlora7b modes run their own scripts (benchmarks/bench_gemm.py,
+bench_optim.py, bench_qlora7b.py) with the options after `--`.
 """
 import argparse
 import datetime
@@ -24,7 +25,7 @@ from common import device_name, print_table  # noqa: E402
 
 MODES = {"quantize": "bench_quantize"}
 # Modes with a command line of their own: bench.py hands them the options after `--`.
-SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim"}
+SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim", "qlora7b": "bench_qlora7b"}
 
 
 def _commit():

@@ -20,8 +20,22 @@ from .io import load_pretrained_4bit, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
+_PLANNER_NAMES = ("MemoryPlan", "max_seq_len", "plan_memory")
+
+
+def __getattr__(name):
+    # The planner loads on first use, so that `python -m lowbit.planner` runs
+    # the module once rather than after an import of it.
+    if name == "planner" or name in _PLANNER_NAMES:
+        import importlib
+
+        planner = importlib.import_module(".planner", __name__)
+        return planner if name == "planner" else getattr(planner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "Linear4bit",
+    "MemoryPlan",
     "QuantState",
     "cuda_available",
     "dequantize_4bit",
@@ -32,9 +46,12 @@ __all__ = [
     "load_adapter",
     "load_pretrained_4bit",
     "load_quantized",
+    "max_seq_len",
     "nn",
     "ops",
     "optim",
+    "plan_memory",
+    "planner",
     "quantize_4bit",
     "quantize_model",
     "save_adapter",

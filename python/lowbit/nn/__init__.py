@@ -1,4 +1,6 @@
 from .convert import ConversionSummary, quantize_model
 from .linear4bit import Linear4bit
+from .losses import causal_lm_loss, chunked_cross_entropy, offload_activations
 
-__all__ = ["ConversionSummary", "Linear4bit", "quantize_model"]
+__all__ = ["ConversionSummary", "Linear4bit", "causal_lm_loss", "chunked_cross_entropy", "offload_activations",
+           "quantize_model"]
