@@ -376,7 +376,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     for n_out, k_in in plan["shapes"]:
         gen = torch.Generator(device=device).manual_seed(0)
-        nw = 1 if device.type != "cuda" else max(_copies(device, n_out, k_in, i, args.quick) for i in impls)
+        nw = 1 if device.type != "cuda" else max(
+            [_copies(device, n_out, k_in, i, args.quick) for i in impls], default=1)
         weights = [torch.randn(n_out, k_in, device=device, generator=gen).mul_(0.02).to(torch.bfloat16)
                    for _ in range(nw)]
         for batch, seq in plan["tokens"]:

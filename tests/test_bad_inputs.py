@@ -24,7 +24,6 @@ reference, 21 strict xfails for the gaps.
 import dataclasses
 import json
 import os
-import shutil
 
 import pytest
 import torch
