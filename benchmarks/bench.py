@@ -4,11 +4,13 @@
     python benchmarks/bench.py --mode gemm  [-- bench_gemm.py options]
     python benchmarks/bench.py --mode optim [-- bench_optim.py options]
     python benchmarks/bench.py --mode qlora7b [-- bench_qlora7b.py options]
+    python benchmarks/bench.py --mode linear [-- bench_linear.py options]
 
 Prints a table and writes JSON (card, date, commit, numbers). Needs a CUDA GPU;
-bitsandbytes is timed in the same run when it is installed. The gemm, optim
-and qlora7b modes run their own scripts (benchmarks/bench_gemm.py,
-bench_optim.py, bench_qlora7b.py) with the options after `--`.
+bitsandbytes is timed in the same run when it is installed. The gemm, optim,
+qlora7b and linear modes run their own scripts (benchmarks/bench_gemm.py,
+bench_optim.py, bench_qlora7b.py, bench_linear.py) with the options after
+`--` (qlora7b's `-- --tiny` and linear's `-- --smoke` run on the CPU).
 """
 import argparse
 import datetime
@@ -25,7 +27,7 @@ from common import device_name, print_table  # noqa: E402
 
 MODES = {"quantize": "bench_quantize"}
 # Modes with a command line of their own: bench.py hands them the options after `--`.
-SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim", "qlora7b": "bench_qlora7b"}
+SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim", "qlora7b": "bench_qlora7b", "linear": "bench_linear"}
 
 
 def _commit():
@@ -44,12 +46,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks need a CUDA GPU (none visible)")
     if args.mode in SCRIPT_MODES:
+        # Each script checks for a GPU itself (bench_linear's --smoke runs on the CPU).
         mod = importlib.import_module(SCRIPT_MODES[args.mode])
         sys.argv = [mod.__file__] + rest + (["--json", args.json] if args.json else [])
         return mod.main()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks need a CUDA GPU (none visible)")
     meta = dict(card=device_name(), date=datetime.date.today().isoformat(), commit=_commit(),
                 torch=torch.__version__)
     print(f"# {meta['card']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}")
