@@ -799,3 +799,64 @@ def test_alloc_managed_refuses_more_than_free():
 def test_alloc_managed_cpu_device_rejected():
     with pytest.raises((ValueError, RuntimeError)):
         ops.alloc_managed(16, "cpu")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_kept_step_lists_follow_grads_and_reloaded_states(device):
+    """The per-group argument lists kept between steps: a parameter losing its
+    gradient, a state_dict loaded in between and a new group give the same
+    result as an optimizer that rebuilds everything each step."""
+    torch.manual_seed(3)
+    shapes = [(64, 80), (300,), (16, 16), (4096 + 7,)]
+
+    def make():
+        ps = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+        return ps, AdamW8bit(ps, lr=1e-2, min_8bit_size=256)
+
+    a, opt_a = make()
+    b, opt_b = make()
+    for q, r in zip(a, b):
+        r.data.copy_(q.data)
+    grads = [[torch.randn(s, device=device) for s in shapes] for _ in range(6)]
+    for step, gs in enumerate(grads):
+        for ps in (a, b):
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                p.grad = None if (step == 3 and i == 1) else g.clone()
+        opt_a.step()
+        opt_b._step_cache.clear()  # b never reuses its lists
+        opt_b.step()
+        if step == 4:  # a state_dict round trip replaces every state tensor of a
+            opt_a.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert torch.equal(p, q), f"step {step} param {i}"
+            assert_state_equal(opt_a.state[p], opt_b.state[q], f"step {step} param {i}")
+    extra_a = torch.nn.Parameter(torch.randn(512, device=device))
+    extra_b = torch.nn.Parameter(extra_a.detach().clone())
+    opt_a.add_param_group({"params": [extra_a]})
+    opt_b.add_param_group({"params": [extra_b]})
+    g = torch.randn(512, device=device)
+    extra_a.grad, extra_b.grad = g.clone(), g.clone()
+    opt_a.step()
+    opt_b._step_cache.clear()
+    opt_b.step()
+    assert torch.equal(extra_a, extra_b)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_paged_prefetch_policy(monkeypatch):
+    calls = []
+    real = ops.prefetch_managed
+    monkeypatch.setattr(ops, "prefetch_managed", lambda ts: (calls.append(len(ts)), real(ts)))
+    for mode, want in (("auto", [2]), ("always", [2, 2, 2]), ("never", [])):
+        calls.clear()
+        p = torch.nn.Parameter(torch.randn(512, 512, device="cuda"))
+        opt = PagedAdamW8bit([p], lr=1e-3, page_min_size=0, prefetch=mode)
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        torch.cuda.synchronize()
+        free = torch.cuda.mem_get_info()[0]
+        assert free > 2 * p.numel(), "the card is nearly full: auto would prefetch every step"
+        assert calls == want, (mode, calls)
+    with pytest.raises(ValueError, match="prefetch must be"):
+        PagedAdamW8bit([p], prefetch="sometimes")

@@ -95,8 +95,19 @@ class AdamW8bit(torch.optim.Optimizer):
         # Host copy of a float lr, refilled per group: the op reads it on the
         # host, so no device synchronization and no per-step allocation.
         self._lr_host = torch.zeros((), dtype=torch.float32)
+        self._step_cache = {}
+        self._state_version = 0  # bumped whenever states are created or replaced
+        self._prefetch_pending = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Host-side bookkeeping that pickling or copying does not carry.
+        self.__dict__.setdefault("_step_cache", {})
+        self.__dict__.setdefault("_state_version", 0)
+        self.__dict__.setdefault("_prefetch_pending", False)
+        self.__dict__.setdefault("_lr_host", torch.zeros((), dtype=torch.float32))
 
     # ------------------------------------------------------------ groups
 
@@ -126,7 +137,9 @@ class AdamW8bit(torch.optim.Optimizer):
         return self._paged and p.device.type == "cuda" and p.numel() >= self.page_min_size
 
     def _new_state(self, p: torch.Tensor, dtype: torch.dtype, fill) -> torch.Tensor:
+        self._state_version += 1
         if self._page(p):
+            self._prefetch_pending = True
             nbytes = p.numel() * torch.empty((), dtype=dtype).element_size()
             t = ops.alloc_managed(nbytes, p.device).view(dtype).view(p.shape)
             return t.fill_(fill)
@@ -156,6 +169,87 @@ class AdamW8bit(torch.optim.Optimizer):
             return lr.to(device=device, dtype=torch.float32)
         return self._lr_host.fill_(lr)
 
+    def _collect(self, gi: int, group: dict, name: str) -> dict:
+        """The op's argument lists of one group, per device.
+
+        The lists of parameters and states stay the same from step to step, so
+        they are kept (with the states they point at) and only the gradients
+        are gathered again; anything unusual (a parameter without a gradient,
+        a DTensor, a state created or replaced since) takes the full path.
+        """
+        params = group["params"]
+        grads = [p.grad for p in params]
+        cache = self._step_cache.get(gi)
+        if (cache is not None and cache["params"] is params and cache["n"] == len(params)
+                and cache["version"] == self._state_version and all(g is not None for g in grads)):
+            for pi, g in enumerate(grads):
+                if g.is_sparse:
+                    raise RuntimeError(f"{name}: parameter {pi} of group {gi} has a sparse gradient; "
+                                       f"{name} supports dense gradients only")
+            per_device = {}
+            for device, lists in cache["per_device"].items():
+                lists = dict(lists)
+                lists["g"] = [grads[i] for i in lists["idx"]]
+                per_device[device] = lists
+            return per_device
+        per_device = defaultdict(lambda: {k: [] for k in ("p", "g", "s1", "s2", "a1", "a2", "step", "paged",
+                                                           "idx")})
+        cacheable = True
+        for pi, p in enumerate(params):
+            g = grads[pi]
+            if g is None:
+                cacheable = False
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{name}: parameter {pi} of group {gi} has a sparse gradient; "
+                                   f"{name} supports dense gradients only")
+            state = self.state[p]
+            # FSDP2 (fully_shard) holds parameters and gradients as DTensor
+            # shards, which the lowbit op does not take: step each rank's
+            # shard in place (AdamW is elementwise; the states are shard-sized
+            # and their 8-bit blocks are the shard's own).
+            if _is_dtensor(p):
+                cacheable = False
+                p, g = p.to_local(), (g.to_local() if _is_dtensor(g) else g)
+            if not state:
+                self._init_state(p, state)
+            lists = per_device[p.device]
+            lists["idx"].append(pi)
+            lists["p"].append(p)
+            lists["g"].append(g)
+            lists["s1"].append(state["state1"])
+            lists["s2"].append(state["state2"])
+            lists["a1"].append(state["absmax1"])
+            lists["a2"].append(state["absmax2"])
+            lists["step"].append(state["step"])
+            if self._page(p):
+                lists["paged"] += [state["state1"], state["state2"]]
+        per_device = dict(per_device)
+        if cacheable:
+            kept = {d: {k: v for k, v in lists.items() if k != "g"} for d, lists in per_device.items()}
+            self._step_cache[gi] = dict(params=params, n=len(params), version=self._state_version,
+                                        per_device=kept)
+        else:
+            self._step_cache.pop(gi, None)
+        return per_device
+
+    def _prefetch(self, device: torch.device, paged: list) -> None:
+        """Paged states are prefetched to the GPU when they are new (created or
+        loaded) and, with prefetch="auto", whenever the card has less free
+        memory than they occupy (the driver may then have moved some of them
+        to the host); prefetch="always" does it every step, "never" leaves all
+        migration to the driver's page faults. Prefetching memory that is
+        already on the card still costs the driver a walk over its pages
+        (about 3.5 ms per GB on an H100), which is why it is not done blindly."""
+        if not paged or self.prefetch == "never":
+            return
+        if self.prefetch == "always" or self._prefetch_pending:
+            ops.prefetch_managed(paged)
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        if free < sum(t.numel() * t.element_size() for t in paged):
+            ops.prefetch_managed(paged)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -165,44 +259,18 @@ class AdamW8bit(torch.optim.Optimizer):
         name = type(self).__name__
         for gi, group in enumerate(self.param_groups):
             _check_hyper(f"{name} param group {gi}", group["lr"], group["betas"], group["eps"], group["weight_decay"])
-            per_device = defaultdict(lambda: {k: [] for k in ("p", "g", "s1", "s2", "a1", "a2", "step", "paged")})
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name}: parameter {pi} of group {gi} has a sparse gradient; "
-                                       f"{name} supports dense gradients only")
-                state = self.state[p]
-                # FSDP2 (fully_shard) holds parameters and gradients as DTensor
-                # shards, which the lowbit op does not take: step each rank's
-                # shard in place (AdamW is elementwise; the states are shard-sized
-                # and their 8-bit blocks are the shard's own).
-                g = p.grad
-                if _is_dtensor(p):
-                    p, g = p.to_local(), (g.to_local() if _is_dtensor(g) else g)
-                if not state:
-                    self._init_state(p, state)
-                lists = per_device[p.device]
-                lists["p"].append(p)
-                lists["g"].append(g)
-                lists["s1"].append(state["state1"])
-                lists["s2"].append(state["state2"])
-                lists["a1"].append(state["absmax1"])
-                lists["a2"].append(state["absmax2"])
-                lists["step"].append(state["step"])
-                if self._page(p):
-                    lists["paged"] += [state["state1"], state["state2"]]
+            per_device = self._collect(gi, group, name)
             beta1, beta2 = group["betas"]
             for device, lists in per_device.items():
                 torch._foreach_add_(lists["step"], 1.0)
-                if lists["paged"]:
-                    ops.prefetch_managed(lists["paged"])
+                self._prefetch(device, lists["paged"])
                 ops.adamw8bit_step(
                     lists["p"], lists["g"], lists["s1"], lists["s2"], lists["a1"], lists["a2"], lists["step"],
                     self._lr_arg(group["lr"], device), functional.get_dynamic_map(True, device),
                     functional.get_dynamic_map(False, device), beta1, beta2, group["eps"], group["weight_decay"],
                     BLOCKSIZE,
                 )
+        self._prefetch_pending = False
         return loss
 
     # ------------------------------------------------------------ save / load
@@ -244,6 +312,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 ng["param_names"] = g["param_names"]
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._state_version += 1
+        self._step_cache = {}
 
     def _load_param_state(self, p: torch.Tensor, saved: dict, key) -> dict:
         where = f"{type(self).__name__}.load_state_dict: state of parameter {key}"
@@ -279,23 +349,31 @@ class AdamW8bit(torch.optim.Optimizer):
 
 class PagedAdamW8bit(AdamW8bit):
     """AdamW8bit whose 8-bit states of large parameters (>= page_min_size
-    elements, on CUDA) live in CUDA managed memory: prefetched to the GPU on the
-    current stream before each update, movable to host memory by the driver
-    under memory pressure, freed with the optimizer. Never allocates more
-    managed memory than the card has free. Results equal AdamW8bit's bit for bit.
+    elements, on CUDA) live in CUDA managed memory: movable to host memory by
+    the driver under memory pressure, prefetched to the GPU on the current
+    stream before an update that may need it (``prefetch``: "auto", the
+    default, when the states are new or the card has less free memory than
+    they occupy; "always"; "never"), freed with the optimizer. Never
+    allocates more managed memory than the card has free. Results equal
+    AdamW8bit's bit for bit.
     """
 
     _paged = True
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, min_8bit_size: int = 4096, page_min_size: int = 100_000):
+                 weight_decay: float = 1e-2, *, min_8bit_size: int = 4096, page_min_size: int = 100_000,
+                 prefetch: str = "auto"):
         if page_min_size < 0:
             raise ValueError(f"PagedAdamW8bit: page_min_size must be >= 0, got {page_min_size}")
+        if prefetch not in ("auto", "always", "never"):
+            raise ValueError(f"PagedAdamW8bit: prefetch must be 'auto', 'always' or 'never', got {prefetch!r}")
         self.page_min_size = int(page_min_size)
+        self.prefetch = prefetch
         super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size)
 
 
 AdamW8bit.page_min_size = math.inf  # never paged
+AdamW8bit.prefetch = "never"
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
