@@ -272,12 +272,18 @@ class Linear4bit(nn.Module):
             self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
         # The rest (bias, LoRA) loads the usual way; the packed weight was taken above.
         rest = {k: v for k, v in state_dict.items() if not (k == wkey or k.startswith(wkey + "."))}
-        weight = self._parameters.pop("weight")
+        params = self._parameters
+        order = list(params)
+        weight = params.pop("weight")
         try:
             super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         finally:
-            self._parameters["weight"] = weight
+            # Back in its place: state_dict() keeps the order it had before loading.
+            rest_params = dict(params)
+            params.clear()
+            params.update((k, weight if k == "weight" else rest_params[k]) for k in order if k == "weight" or k in rest_params)
+            params.update((k, v) for k, v in rest_params.items() if k not in params)
         if wkey not in state_dict and strict:
             missing_keys.append(wkey)
 
@@ -296,6 +302,7 @@ class Linear4bit(nn.Module):
             start = rank * -(-mine.record_layout.num_records // world)
         with torch.no_grad():
             rec.copy_(full.records()[start:start + rec.shape[0]])
+        mine._tables = full._tables  # the code book, nested map and offset come with the weight
 
     def _load_packed(self, src, layer: str):
         """Loads a weight saved from a packed layer: a whole Packed4bitWeight, or a
@@ -323,6 +330,7 @@ class Linear4bit(nn.Module):
                 f"lowbit.distributed.full_state_dict(model) to load under another world size")
         with torch.no_grad():
             mine.records().copy_(local.records())
+        mine._tables = local._tables
 
     def extra_repr(self) -> str:
         local = packed_local(self._parameters.get("weight"))

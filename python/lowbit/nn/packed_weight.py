@@ -337,6 +337,7 @@ class Packed4bitWeight(torch.Tensor):
             parts = out._parts()
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tuple(parts)):
                 _unpack_records(rec, parts, self.record_layout)
+            out._tables = self._tables  # replaced when a checkpoint was loaded since the last gather
             return None
         parts = _alloc_parts(self.record_layout, rec.device)
         with torch.no_grad():
