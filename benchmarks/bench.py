@@ -28,6 +28,7 @@ from common import device_name, print_table  # noqa: E402
 MODES = {"quantize": "bench_quantize"}
 # Modes with a command line of their own: bench.py hands them the options after `--`.
 SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim", "qlora7b": "bench_qlora7b", "linear": "bench_linear"}
+SCRIPT_MODES["fsdp"] = "bench_fsdp"  # torchrun-launched: python benchmarks/bench.py --mode fsdp -- --out DIR
 
 
 def _commit():

@@ -1,13 +1,29 @@
-"""Helpers for running lowbit models under torch.distributed (DDP, FSDP2)."""
+"""Helpers for running lowbit models under torch.distributed (DDP, FSDP2).
+
+FSDP2 with sharded 4-bit weights:
+
+    lowbit.quantize_model(model, lora_r=16)          # on every rank, same arguments
+    lowbit.distributed.shard_model(model)            # fully_shard per decoder layer, then the root
+    opt = lowbit.optim.PagedAdamW8bit(p for p in model.parameters() if p.requires_grad)
+    ...train...
+    sd = lowbit.distributed.full_state_dict(model)   # rank 0: the single-GPU (bitsandbytes) layout
+
+shard_model turns each Linear4bit weight into a Packed4bitWeight (records of
+codes and scales, lowbit/nn/packed_weight.py), which fully_shard splits on
+dim 0 like any parameter; each rank keeps 1/world of the records and FSDP2
+all-gathers them as uint8 just before the layer runs.
+"""
 from __future__ import annotations
 
 import hashlib
-from typing import List, Optional
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
 from .nn.linear4bit import Linear4bit
+from .nn.packed_weight import Packed4bitWeight, is_sharded, packed_local
 
 _CHUNK = 1 << 24
 _MOD = 65521  # Fletcher/Adler modulus: position weights stay small, the int64 sums cannot overflow
@@ -44,7 +60,16 @@ def fingerprint(model: nn.Module) -> List[str]:
     """
     lines = []
     for name, m in model.named_modules():
-        if isinstance(m, Linear4bit):
+        if isinstance(m, Linear4bit) and m.is_packed:
+            # Packed (and maybe sharded): the layout, and the one replicated scale.
+            local = packed_local(m.weight)
+            offset = local._tables.cpu[2]
+            lines.append(
+                f"layer {name or '<root>'}: packed {local.record_layout.describe()} r={m.r} "
+                f"lora_alpha={getattr(m, 'lora_alpha', None)} compute_dtype={m.compute_dtype} "
+                f"offset {_digest(offset)}"
+            )
+        elif isinstance(m, Linear4bit):
             st = m.quant_state
             lines.append(
                 f"layer {name or '<root>'}: shape={list(st.shape)} quant_type={st.quant_type} "
@@ -95,3 +120,156 @@ def check_consistent(model: nn.Module, group=None) -> None:
                     f"weights?):\n  {'rank 0:':<{w}} {a}\n  {f'rank {rank}:':<{w}} {b}"
                 )
     raise ValueError("lowbit.distributed.check_consistent: ranks' fingerprints differ")  # unreachable
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def _default_mesh(model: nn.Module):
+    from torch.distributed.device_mesh import init_device_mesh
+    import torch.distributed as dist
+
+    dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return init_device_mesh(dev.type, (dist.get_world_size(),))
+
+
+def _shard_units(model: nn.Module) -> List[nn.Module]:
+    """The blocks to wrap one by one: the children of the longest ModuleList or
+    Sequential holding Linear4bit layers (a transformer's decoder layers), else
+    every Linear4bit on its own."""
+    best: List[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            kids = [c for c in m.children() if any(isinstance(x, Linear4bit) for x in c.modules())]
+            if len(kids) > len(best) and not any(isinstance(c, Linear4bit) for c in kids):
+                best = kids
+    return best or [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def shard_model(
+    model: nn.Module,
+    mesh=None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    *,
+    units: Optional[Iterable[nn.Module]] = None,
+    mp_policy=None,
+    check: bool = True,
+) -> nn.Module:
+    """Applies FSDP2 (fully_shard) to a model converted with lowbit.quantize_model,
+    sharding its 4-bit weights too. A collective: every rank calls it, with the same model.
+
+    Each Linear4bit weight becomes a Packed4bitWeight (same bytes, cut into
+    records aligned with the quantization and nested blocks), so every rank keeps
+    about 1/world of the packed codes and of their scales, and a layer's weight is
+    all-gathered as uint8 just before it runs and freed after (reshard_after_forward).
+    LoRA adapters and biases are sharded the usual FSDP2 way (DTensor shards;
+    lowbit.optim.AdamW8bit / PagedAdamW8bit step on the local shards).
+
+    fully_shard is applied to each of `units` (default: the decoder layers, the
+    children of the longest ModuleList/Sequential holding Linear4bit layers; else
+    each Linear4bit), then to `model`. `mesh`: a 1-D DeviceMesh (default: all ranks,
+    on the model's device type). cpu_offload keeps the shards and the optimizer's
+    work on the CPU (FSDP2's CPUOffloadPolicy). With `check`, check_consistent runs
+    first, so ranks that converted the model differently all raise the same error.
+    Returns `model` (now an FSDPModule).
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("lowbit.distributed.shard_model: torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first, e.g. under torchrun)")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        raise ValueError("lowbit.distributed.shard_model: the model has no Linear4bit layers; convert it with "
+                         "lowbit.quantize_model(model, ...) (on every rank, with the same arguments) before sharding")
+    if any(is_sharded(m.weight) for m in layers):
+        raise ValueError("lowbit.distributed.shard_model: the model is already sharded")
+    if mesh is None:
+        mesh = _default_mesh(model)
+    if mesh.ndim != 1:
+        raise ValueError(f"lowbit.distributed.shard_model: needs a 1-D device mesh, got {mesh.ndim}-D")
+    if check:
+        check_consistent(model, mesh.get_group())
+    for m in layers:
+        m.pack_for_sharding()
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
+              mp_policy=mp_policy or MixedPrecisionPolicy())
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for unit in (list(units) if units is not None else _shard_units(model)):
+        fully_shard(unit, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _gather_packed(param) -> Packed4bitWeight:
+    """All records of a sharded Packed4bitWeight parameter, on every rank."""
+    import torch.distributed as dist
+
+    local = packed_local(param)
+    mesh = param.device_mesh
+    world = mesh.size()
+    rec = local.records()
+    rows = -(-local.record_layout.num_records // world)
+    send = rec.new_zeros(rows, rec.shape[1])
+    send[: rec.shape[0]].copy_(rec)
+    out = rec.new_empty(rows * world, rec.shape[1])
+    dist.all_gather_into_tensor(out, send, group=mesh.get_group())
+    return local._like(records=out[: local.record_layout.num_records])
+
+
+def full_state_dict(model: nn.Module, rank0_only: bool = True, cpu: bool = True) -> Dict[str, torch.Tensor]:
+    """The whole model's state dict from an FSDP2-sharded model, in exactly the
+    layout (keys, order, dtypes, bytes) the unsharded model's state_dict() gives:
+    4-bit weights in the bitsandbytes layout, LoRA and other parameters whole.
+
+    A collective: every rank calls it. With rank0_only the other ranks return an
+    empty dict (they still take part in the gathers); with `cpu` the tensors are
+    moved to the CPU one at a time."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    keep = rank == 0 or not rank0_only
+    owners = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit) and is_sharded(m._parameters["weight"]):
+            owners[(name + "." if name else "") + "weight"] = (name + "." if name else "")
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    pending: List[tuple] = []  # (module prefix, quant-state entries) to place after that module's own tensors
+
+    def flush(next_key=None):
+        while pending and (next_key is None or not next_key.startswith(pending[0][0])
+                           or "." in next_key[len(pending[0][0]):]):
+            for k, v in pending.pop(0)[1].items():
+                if keep:
+                    out[k] = v.cpu() if cpu else v
+
+    for k, v in model.state_dict().items():
+        flush(k)
+        if k in owners:
+            packed, state = _gather_packed(v).unpacked()
+            if keep:
+                out[k] = packed.cpu() if cpu else packed
+            pending.append((owners[k], state.to_state_dict(k + ".")))
+            continue
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        if keep:
+            out[k] = v.detach().cpu() if cpu else v.detach()
+    flush()
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True):
+    """Loads a whole (unsharded, bitsandbytes-layout) state dict, such as
+    full_state_dict() or a single-GPU state_dict() writes, into an FSDP2-sharded
+    model: each rank keeps its own share. Works for any world size. Every rank
+    calls it with the same dict. Returns load_state_dict's (missing, unexpected) keys."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    # Whole tensors given for DTensor parameters are taken as replicated, so
+    # each rank copies its own shard of them (no communication).
+    with implicit_replication():
+        return model.load_state_dict(state_dict, strict=strict)

@@ -1,6 +1,7 @@
 from .convert import ConversionSummary, quantize_model
 from .linear4bit import Linear4bit
 from .losses import causal_lm_loss, chunked_cross_entropy, offload_activations
+from .packed_weight import Packed4bitWeight
 
-__all__ = ["ConversionSummary", "Linear4bit", "causal_lm_loss", "chunked_cross_entropy", "offload_activations",
-           "quantize_model"]
+__all__ = ["ConversionSummary", "Linear4bit", "Packed4bitWeight", "causal_lm_loss", "chunked_cross_entropy",
+           "offload_activations", "quantize_model"]

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as TF
 
 from .. import functional as F
+from .packed_weight import Packed4bitWeight, is_sharded, packed_local
 
 _STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -24,6 +25,12 @@ class Linear4bit(nn.Module):
     (zeros), so a fresh layer computes exactly what the base layer does. The
     adapters are kept in float32 for the optimizer and cast to compute_dtype
     for the matmuls (bf16 tensor cores, fp32 accumulation).
+
+    For FSDP2, `pack_for_sharding()` (lowbit.distributed.shard_model calls it)
+    turns `weight` into a Packed4bitWeight: the same bytes cut into records
+    that fully_shard can split across ranks and all-gather as uint8. The quant
+    state then lives inside the weight; `quant_state` reads it from there
+    (only while the layer is gathered, when the weight is sharded).
     """
 
     def __init__(
@@ -122,6 +129,47 @@ class Linear4bit(nn.Module):
             self.bias.requires_grad_(linear.bias.requires_grad)
         return self
 
+    # ---------------------------------------------------------------- the weight
+
+    @property
+    def quant_state(self) -> F.QuantState:
+        local = packed_local(self._parameters.get("weight"))
+        if local is None:
+            return self.__dict__["_quant_state"]
+        return local.unpacked()[1]
+
+    @quant_state.setter
+    def quant_state(self, state: F.QuantState):
+        self.__dict__["_quant_state"] = state
+
+    def _weight_and_state(self):
+        """(packed codes, QuantState) in the single-GPU layout, whatever form the weight is in."""
+        w = self.weight
+        if type(w) is Packed4bitWeight:
+            return w.unpacked()
+        if is_sharded(w):
+            raise RuntimeError(
+                "Linear4bit: the 4-bit weight is sharded by FSDP2 and not gathered; run the model through the "
+                "module fully_shard wrapped (its pre-forward hook gathers the weight), or gather a copy with "
+                "lowbit.distributed.full_state_dict(model)")
+        return w, self.__dict__["_quant_state"]
+
+    @property
+    def is_packed(self) -> bool:
+        """True once pack_for_sharding() turned the weight into a Packed4bitWeight."""
+        return packed_local(self._parameters.get("weight")) is not None
+
+    def pack_for_sharding(self) -> "Linear4bit":
+        """Re-lays the weight as a Packed4bitWeight (records FSDP2 can shard on dim 0).
+
+        Same codes and scales, byte for byte: state_dict() still writes the
+        bitsandbytes layout. Call before fully_shard; idempotent."""
+        if not self.is_packed:
+            w = Packed4bitWeight.from_quantized(self.weight, self.__dict__["_quant_state"])
+            self.weight = nn.Parameter(w, requires_grad=False)
+            self.__dict__["_quant_state"] = None  # the scales now live in the records
+        return self
+
     # ---------------------------------------------------------------- compute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +182,8 @@ class Linear4bit(nn.Module):
         lead = x.shape[:-1]
         xc = x.to(self.compute_dtype).reshape(-1, self.in_features)
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = F.matmul_4bit(xc, self.weight, self.quant_state, bias)
+        packed, state = self._weight_and_state()
+        out = F.matmul_4bit(xc, packed, state, bias)
         if self.lora_A is not None:
             h = self.lora_dropout(xc) if self.lora_dropout is not None and self.training else xc
             a = self.lora_A.to(self.compute_dtype)
@@ -146,7 +195,8 @@ class Linear4bit(nn.Module):
         return out.to(in_dtype) if in_dtype != self.compute_dtype else out
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return F.dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
+        packed, state = self._weight_and_state()
+        return F.dequantize_4bit(packed, state, dtype or self.compute_dtype)
 
     def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A 16-bit nn.Linear computing W + scaling * B @ A (W dequantized).
@@ -170,6 +220,8 @@ class Linear4bit(nn.Module):
         # .to()/.cuda() move the packed weight (uint8: never cast by .to(dtype));
         # the quant state follows it to the same device and keeps its dtypes.
         super()._apply(fn, recurse)
+        if self.is_packed:
+            return self  # the records moved with the weight
         if self.quant_state.device != self.weight.device:
             self.quant_state = self.quant_state.to(self.weight.device)
         return self
@@ -178,16 +230,26 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.quant_state.to_state_dict(prefix + "weight.").items():
+        if is_sharded(self._parameters["weight"]):
+            # FSDP2-sharded: this rank's records only (a DTensor, like every
+            # sharded parameter); lowbit.distributed.full_state_dict gathers
+            # them into the layout below.
+            return
+        packed, state = self._weight_and_state()
+        if packed is not self._parameters["weight"]:
+            destination[prefix + "weight"] = packed if keep_vars else packed.detach()
+        for k, v in state.to_state_dict(prefix + "weight.").items():
             destination[k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         wkey = prefix + "weight"
         qs = {k: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
-        if wkey in state_dict:
+        layer = prefix[:-1] or "Linear4bit"
+        if wkey in state_dict and packed_local(state_dict[wkey]) is not None:
+            self._load_packed(state_dict[wkey], layer)
+        elif wkey in state_dict:
             packed = state_dict[wkey]
-            layer = prefix[:-1] or "Linear4bit"
             # A layer built on the meta device (a model skeleton) takes the
             # checkpoint's tensors where they are; moving them to meta would drop them.
             dev = None if self.weight.is_meta else self.weight.device
@@ -202,24 +264,83 @@ class Linear4bit(nn.Module):
                     f"[{self.out_features}, {self.in_features}]"
                 )
             packed = packed if dev is None else packed.to(dev)
-            self.weight = nn.Parameter(packed.view(-1, 1).clone(), requires_grad=False)
-            self.quant_state = state
+            if self.is_packed:
+                self._load_into_packed(Packed4bitWeight.from_quantized(packed, state), layer)
+            else:
+                self.weight = nn.Parameter(packed.view(-1, 1).clone(), requires_grad=False)
+                self.quant_state = state
             self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
         # The rest (bias, LoRA) loads the usual way; the packed weight was taken above.
         rest = {k: v for k, v in state_dict.items() if not (k == wkey or k.startswith(wkey + "."))}
-        weight = self._parameters.pop("weight")
+        params = self._parameters
+        order = list(params)
+        weight = params.pop("weight")
         try:
             super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         finally:
-            self._parameters["weight"] = weight
+            # Back in its place: state_dict() keeps the order it had before loading.
+            rest_params = dict(params)
+            params.clear()
+            params.update((k, weight if k == "weight" else rest_params[k]) for k in order if k == "weight" or k in rest_params)
+            params.update((k, v) for k, v in rest_params.items() if k not in params)
         if wkey not in state_dict and strict:
             missing_keys.append(wkey)
 
+    def _load_into_packed(self, full: Packed4bitWeight, layer: str):
+        """Copies all records of `full` (or this rank's share of them) into the packed weight, in place:
+        FSDP2 keeps references to the sharded parameter and its padded storage."""
+        w = self._parameters["weight"]
+        mine = packed_local(w)
+        if full.record_layout != mine.record_layout:
+            raise ValueError(f"{layer}: cannot load a 4-bit weight with {full.record_layout.describe()} into this packed "
+                             f"layer ({mine.record_layout.describe()}); load it before lowbit.distributed.shard_model")
+        rec = mine.records()
+        start = 0
+        if is_sharded(w):
+            world, rank = w.device_mesh.size(), w.device_mesh.get_local_rank()
+            start = rank * -(-mine.record_layout.num_records // world)
+        with torch.no_grad():
+            rec.copy_(full.records()[start:start + rec.shape[0]])
+        mine._tables = full._tables  # the code book, nested map and offset come with the weight
+
+    def _load_packed(self, src, layer: str):
+        """Loads a weight saved from a packed layer: a whole Packed4bitWeight, or a
+        rank's FSDP2 shard (DTensor) saved by model.state_dict() under fully_shard."""
+        local = packed_local(src)
+        if not is_sharded(src) and local.is_complete:
+            if self.is_packed:
+                self._load_into_packed(local, layer)
+            else:
+                packed, state = local.unpacked()
+                self.weight = nn.Parameter(packed.clone(), requires_grad=False)
+                self.quant_state = state
+            return
+        w = self._parameters["weight"]
+        saved_world = src.device_mesh.size() if is_sharded(src) else None
+        world = w.device_mesh.size() if is_sharded(w) else 1
+        mine = packed_local(w)
+        if saved_world != world or mine is None or mine.record_layout != local.record_layout or \
+                mine.records().shape[0] != local.records().shape[0]:
+            raise ValueError(
+                f"{layer}: the checkpoint holds one rank's shard of the 4-bit weight ({local.records().shape[0]} of "
+                f"{local.record_layout.num_records} records, saved with world size {saved_world or 'unknown'}); this layer "
+                f"is {'sharded over world size ' + str(world) if is_sharded(w) else 'not sharded'}. A rank-local "
+                f"(sharded) state dict loads only into the same sharding: save with "
+                f"lowbit.distributed.full_state_dict(model) to load under another world size")
+        with torch.no_grad():
+            mine.records().copy_(local.records())
+        mine._tables = local._tables
+
     def extra_repr(self) -> str:
+        local = packed_local(self._parameters.get("weight"))
+        L = local.record_layout if local is not None else self.quant_state
+        double_quant = L.nested
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-             f"quant_type={self.quant_state.quant_type}, blocksize={self.quant_state.blocksize}, "
-             f"double_quant={self.quant_state.nested}, compute_dtype={self.compute_dtype}")
+             f"quant_type={L.quant_type}, blocksize={L.blocksize}, "
+             f"double_quant={double_quant}, compute_dtype={self.compute_dtype}")
+        if local is not None:
+            s += ", packed" + (" (sharded)" if is_sharded(self._parameters["weight"]) else "")
         if self.lora_A is not None:
             s += f", r={self.r}, lora_alpha={self.lora_alpha}"
         return s
