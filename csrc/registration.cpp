@@ -76,6 +76,8 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("is_managed(Tensor t) -> bool");
   // Asynchronously migrates managed tensors to their device, on its current stream.
   m.def("prefetch_managed(Tensor[] tensors) -> ()");
+  // Bytes of managed memory allocated by alloc_managed and not yet freed.
+  m.def("managed_bytes() -> int");
 }
 
 // lowbit._C is a plain extension module: loading it runs the registrations

@@ -776,10 +776,13 @@ def test_paged_states_are_managed_uncounted_and_freed():
     gc.collect()
     torch.cuda.synchronize()
     free_with = torch.cuda.mem_get_info()[0]
+    managed_with = ops.managed_bytes()
+    assert managed_with >= 2 * n_big
     del opt
     gc.collect()
     torch.cuda.synchronize()
     free_after = torch.cuda.mem_get_info()[0]
+    assert managed_with - ops.managed_bytes() == 2 * n_big
     assert free_after - free_with >= 2 * n_big - (2 << 20), \
         f"only {free_after - free_with} bytes came back after deleting the optimizer (expected ~{2 * n_big})"
 
@@ -794,6 +797,18 @@ def test_alloc_managed_refuses_more_than_free():
     ops.prefetch_managed([t])
     t.fill_(3)
     assert t.sum().item() == 3 << 20
+
+
+def test_managed_bytes_counts_live_allocations():
+    assert isinstance(ops.managed_bytes(), int) and ops.managed_bytes() >= 0
+    if not HAS_CUDA:
+        return
+    before = ops.managed_bytes()
+    t = ops.alloc_managed(3 << 20, "cuda")
+    assert ops.managed_bytes() == before + (3 << 20)
+    del t
+    gc.collect()
+    assert ops.managed_bytes() == before
 
 
 def test_alloc_managed_cpu_device_rejected():

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "common/checks.h"
 
 #if defined(LOWBIT_WITH_CUDA)
@@ -17,12 +19,18 @@
 namespace lowbit {
 namespace {
 
+// Bytes allocated by alloc_managed and not yet freed, all devices together.
+std::atomic<int64_t> g_managed_bytes{0};
+
+int64_t managed_bytes() { return g_managed_bytes.load(); }
+
 #if defined(LOWBIT_WITH_CUDA)
 
-void free_managed(void* ptr) {
+void free_managed(void* ptr, int64_t nbytes) {
   // Runs from a tensor destructor: report, never throw. cudaFree waits for
   // work still using the memory, so freeing after the last step is safe.
   C10_CUDA_CHECK_WARN(cudaFree(ptr));
+  g_managed_bytes -= nbytes;
 }
 
 at::Tensor alloc_managed(int64_t nbytes, at::Device device) {
@@ -41,7 +49,8 @@ at::Tensor alloc_managed(int64_t nbytes, at::Device device) {
                " bytes are free; lowbit never allocates more managed memory than the card has free");
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaMallocManaged(&ptr, static_cast<size_t>(nbytes), cudaMemAttachGlobal));
-  return at::from_blob(ptr, {nbytes}, &free_managed, options);
+  g_managed_bytes += nbytes;
+  return at::from_blob(ptr, {nbytes}, [nbytes](void* p) { free_managed(p, nbytes); }, options);
 }
 
 bool is_managed(const at::Tensor& t) {
@@ -100,6 +109,7 @@ TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {
   m.impl("alloc_managed", &alloc_managed);
   m.impl("is_managed", &is_managed);
   m.impl("prefetch_managed", &prefetch_managed);
+  m.impl("managed_bytes", &managed_bytes);
 }
 
 }  // namespace lowbit

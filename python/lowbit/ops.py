@@ -231,3 +231,8 @@ def is_managed(t: torch.Tensor) -> bool:
 
 def prefetch_managed(tensors: Sequence[torch.Tensor]) -> None:
     _lib.prefetch_managed(list(tensors))
+
+
+def managed_bytes() -> int:
+    """Bytes of managed memory lowbit has allocated and not yet freed (all devices)."""
+    return _lib.managed_bytes()

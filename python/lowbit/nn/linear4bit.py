@@ -173,6 +173,12 @@ class Linear4bit(nn.Module):
     # ---------------------------------------------------------------- compute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError(f"Linear4bit({self.in_features} -> {self.out_features}): the input must have at least "
+                             f"one dimension (the features), got a 0-dim tensor")
+        if not x.is_floating_point():
+            raise TypeError(f"Linear4bit({self.in_features} -> {self.out_features}): the input must be a floating "
+                            f"point tensor (float32, float16 or bfloat16), got dtype {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Linear4bit({self.in_features} -> {self.out_features}): input's last dimension is "

@@ -21,6 +21,7 @@ and both states unchanged.
 """
 import copy
 import math
+import numbers
 import sys
 from collections import defaultdict
 from itertools import chain
@@ -47,6 +48,11 @@ def _zero_code(signed: bool) -> int:
 
 
 def _check_hyper(where: str, lr, betas, eps, weight_decay):
+    for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not isinstance(v, (numbers.Real, torch.Tensor)) or isinstance(v, bool) or \
+                (isinstance(v, torch.Tensor) and name != "lr"):
+            raise TypeError(f"{where}: {name} must be a number{' or a scalar tensor' if name == 'lr' else ''}, "
+                            f"got {type(v).__name__} {v!r}")
     if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
         raise ValueError(f"{where}: lr must be >= 0, got {lr}")
     if isinstance(lr, torch.Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
@@ -334,6 +340,11 @@ class AdamW8bit(torch.optim.Optimizer):
             if t.numel() != want_blocks or t.dtype != torch.float32:
                 raise ValueError(f"{where}: {k} must be float32 with {want_blocks} elements, got {t.dtype} with "
                                  f"{t.numel()}")
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: {k} holds NaN or Inf scales; the state is corrupt (every parameter "
+                                 f"would become NaN after one step)")
+        if s1.dtype == torch.float32 and not (bool(torch.isfinite(s1).all()) and bool(torch.isfinite(s2).all())):
+            raise ValueError(f"{where}: state1/state2 hold NaN or Inf values; the state is corrupt")
         step = saved["step"]
         step = step.detach().to(torch.float32).reshape(()) if isinstance(step, torch.Tensor) else \
             torch.tensor(float(step), dtype=torch.float32)
