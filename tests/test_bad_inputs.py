@@ -801,25 +801,56 @@ def test_nan_gradient_elements_keep_their_parameters():
 # ---------------------------------------------------------------- known gaps (strict xfails)
 
 
+def gemm_4bit_t_with_offset(offset):
+    packed, st = w4()
+    absmax, code, blocksize, nested_absmax, nested_code, _, nested_blocksize = st.quant_args()
+    return ops.gemm_4bit_t(torch.randn(2, 64), packed, absmax, code, blocksize, 64, 128, nested_absmax, nested_code,
+                           offset, nested_blocksize)
+
+
 MIXED_META = {
-    "dequantize_4bit-absmax": lambda: ops.dequantize_4bit(
+    "dequantize_4bit-absmax": (lambda: ops.dequantize_4bit(
         w4(dq=False)[0], torch.ones(128, device="meta"), F.get_4bit_code("nf4"), 64, [64, 128], torch.float32),
-    "dequantize_4bit-state": lambda: F.dequantize_4bit(w4()[0], w4()[1].to("meta")),
-    "dequantize_8bit-absmax": lambda: ops.dequantize_8bit_blockwise(
+        r"lowbit.dequantize_4bit: argument 'absmax' is on meta but 'packed' is on cpu"),
+    "dequantize_4bit-state": (lambda: F.dequantize_4bit(w4()[0], w4()[1].to("meta")),
+                              r"lowbit.dequantize_4bit: argument 'code' is on meta but 'packed' is on cpu"),
+    "dequantize_8bit-absmax": (lambda: ops.dequantize_8bit_blockwise(
         torch.zeros(1000, dtype=torch.uint8), torch.ones(4, device="meta"), SIGNED, 256, torch.float32),
-    "quantize_8bit-code": lambda: ops.quantize_8bit_blockwise(torch.randn(1000), SIGNED.to("meta"), 256),
-    "gemm_4bit-bias": lambda: F.matmul_4bit(torch.randn(2, 128), *w4(), torch.zeros(64, device="meta")),
-    "adamw8bit-grads": lambda: adam(grads=[torch.randn(5000, device="meta")]),
+        r"lowbit.dequantize_8bit_blockwise: argument 'absmax' is on meta but 'A' is on cpu"),
+    "quantize_8bit-code": (lambda: ops.quantize_8bit_blockwise(torch.randn(1000), SIGNED.to("meta"), 256),
+                           r"lowbit.quantize_8bit_blockwise: argument 'code' is on meta but 'A' is on cpu"),
+    "quantize_8bit-A": (lambda: ops.quantize_8bit_blockwise(torch.randn(1000, device="meta"), SIGNED, 256),
+                        r"lowbit.quantize_8bit_blockwise: argument 'code' is on cpu but 'A' is on meta"),
+    "gemm_4bit-bias": (lambda: F.matmul_4bit(torch.randn(2, 128), *w4(), torch.zeros(64, device="meta")),
+                       r"lowbit.gemm_4bit: argument 'bias' is on meta but 'x' is on cpu"),
+    "gemm_4bit-x": (lambda: F.matmul_4bit(torch.randn(2, 128, device="meta"), *w4()),
+                    r"lowbit.gemm_4bit: argument 'packed' is on cpu but 'x' is on meta"),
+    "gemm_4bit_t-offset": (lambda: gemm_4bit_t_with_offset(torch.zeros((), device="meta")),
+                           r"lowbit.gemm_4bit_t: argument 'offset' is on meta but 'packed' is on cpu"),
+    "adamw8bit-grads": (lambda: adam(grads=[torch.randn(5000, device="meta")]),
+                        r"lowbit.adamw8bit_step: argument 'grads\[0\]' is on meta but 'params\[0\]' is on cpu"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="a meta tensor among CPU tensors sends the call to the fake (meta) kernel, "
-                   "whose device is taken from one argument: it returns an uninitialized CPU tensor (the adamw "
-                   "step silently does nothing) instead of raising like the CPU/CUDA kernels do")
 @pytest.mark.parametrize("name", list(MIXED_META))
 def test_mixed_meta_and_cpu_arguments_are_refused(name):
-    with pytest.raises(ValueError, match=r"meta"):
-        MIXED_META[name]()
+    """A meta tensor among CPU tensors dispatches to the fake kernel; it must
+    raise like the CPU/CUDA kernels do for arguments on different devices,
+    not return uninitialised memory (or, for the in-place step, do nothing)."""
+    fn, match = MIXED_META[name]
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def test_all_meta_arguments_still_give_meta_outputs():
+    packed, st = w4()
+    st = st.to("meta")
+    out = F.dequantize_4bit(packed.to("meta"), st)
+    assert out.is_meta and out.shape == (64, 128)
+    y = F.matmul_4bit(torch.randn(2, 128, device="meta"), packed.to("meta"), st, torch.zeros(64, device="meta"))
+    assert y.is_meta and y.shape == (2, 64)
+    q, am = ops.quantize_8bit_blockwise(torch.randn(1000, device="meta"), SIGNED.to("meta"), 256)
+    assert q.is_meta and am.shape == (4,)
 
 
 @pytest.mark.xfail(strict=True, reason="functional.quantize_4bit on a meta tensor fails in the NaN/Inf check with "
