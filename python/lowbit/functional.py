@@ -307,7 +307,8 @@ def quantize_4bit(
     _check_blocksize(blocksize)
     _check_quant_type(quant_type)
     packed, absmax = ops.quantize_4bit(w, blocksize, quant_type)
-    if check_finite and absmax.numel():
+    # A meta tensor holds no values to check (shapes only).
+    if check_finite and absmax.numel() and absmax.device.type != "meta":
         _raise_non_finite(absmax, blocksize)
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type)
     if double_quant:
