@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from ._files import atomic_write
+from ._files import atomic_write, reading_safetensors
 from .nn.linear4bit import Linear4bit
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,7 +79,8 @@ def load_adapter(model: nn.Module, directory: str, strict: bool = True) -> Dict[
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: {cpath} describes a {config.get('peft_type')} adapter, not LORA")
-    tensors = load_file(wpath)
+    with reading_safetensors(wpath, "load_adapter"):
+        tensors = load_file(wpath)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     found: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

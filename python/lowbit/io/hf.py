@@ -257,7 +257,7 @@ def _stream(shard_list, device: torch.device, bar):
 
     dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
     for path, keys in shard_list:
-        with safe_open(path, framework="pt", device=dev) as f:
+        with S.reading_safetensors(path), safe_open(path, framework="pt", device=dev) as f:
             present = set(f.keys())
             for k in keys:
                 if k not in present:
