@@ -4,7 +4,8 @@ fault; the inputs that are merely unusual (odd and prime sizes, K not a
 multiple of the block, non-contiguous and zero-size tensors) must give the
 reference result. Cases that tests/test_errors.py already covers are not
 repeated here. Known gaps are strict xfails at the end of the file, each
-saying what happens today.
+saying what happens today; gaps since closed stay there as plain tests of the
+error they now raise.
 
 Kinds of bad input in the matrix (the case ids start with them):
   dtype      wrong element type of a tensor or parameter
@@ -19,7 +20,7 @@ Kinds of bad input in the matrix (the case ids start with them):
 Counts (CPU; the 7 CUDA device cases skip without a GPU): 153 raising cases
 (dtype 25, device 9, value 34, shape 14, nonfinite 10, state 9, keys 47,
 file 5), 15 corrupted-file cases, 70 valid-but-unusual cases against a
-reference, 21 strict xfails for the gaps.
+reference; of the 21 gaps once recorded as strict xfails, 4 remain.
 """
 import dataclasses
 import json
@@ -799,7 +800,7 @@ def test_nan_gradient_elements_keep_their_parameters():
     assert not torch.equal(p[~bad], before[~bad])
 
 
-# ---------------------------------------------------------------- known gaps (strict xfails)
+# ---------------------------------------------------------------- known gaps: closed ones, and strict xfails
 
 
 def gemm_4bit_t_with_offset(offset):
