@@ -4,7 +4,8 @@ fault; the inputs that are merely unusual (odd and prime sizes, K not a
 multiple of the block, non-contiguous and zero-size tensors) must give the
 reference result. Cases that tests/test_errors.py already covers are not
 repeated here. Known gaps are strict xfails at the end of the file, each
-saying what happens today.
+saying what happens today; gaps since closed stay there as plain tests of the
+error they now raise.
 
 Kinds of bad input in the matrix (the case ids start with them):
   dtype      wrong element type of a tensor or parameter
@@ -19,11 +20,12 @@ Kinds of bad input in the matrix (the case ids start with them):
 Counts (CPU; the 7 CUDA device cases skip without a GPU): 153 raising cases
 (dtype 25, device 9, value 34, shape 14, nonfinite 10, state 9, keys 47,
 file 5), 15 corrupted-file cases, 70 valid-but-unusual cases against a
-reference, 21 strict xfails for the gaps.
+reference; of the 21 gaps once recorded as strict xfails, 4 remain.
 """
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -798,35 +800,68 @@ def test_nan_gradient_elements_keep_their_parameters():
     assert not torch.equal(p[~bad], before[~bad])
 
 
-# ---------------------------------------------------------------- known gaps (strict xfails)
+# ---------------------------------------------------------------- known gaps: closed ones, and strict xfails
+
+
+def gemm_4bit_t_with_offset(offset):
+    packed, st = w4()
+    absmax, code, blocksize, nested_absmax, nested_code, _, nested_blocksize = st.quant_args()
+    return ops.gemm_4bit_t(torch.randn(2, 64), packed, absmax, code, blocksize, 64, 128, nested_absmax, nested_code,
+                           offset, nested_blocksize)
 
 
 MIXED_META = {
-    "dequantize_4bit-absmax": lambda: ops.dequantize_4bit(
+    "dequantize_4bit-absmax": (lambda: ops.dequantize_4bit(
         w4(dq=False)[0], torch.ones(128, device="meta"), F.get_4bit_code("nf4"), 64, [64, 128], torch.float32),
-    "dequantize_4bit-state": lambda: F.dequantize_4bit(w4()[0], w4()[1].to("meta")),
-    "dequantize_8bit-absmax": lambda: ops.dequantize_8bit_blockwise(
+        r"lowbit.dequantize_4bit: argument 'absmax' is on meta but 'packed' is on cpu"),
+    "dequantize_4bit-state": (lambda: F.dequantize_4bit(w4()[0], w4()[1].to("meta")),
+                              r"lowbit.dequantize_4bit: argument 'code' is on meta but 'packed' is on cpu"),
+    "dequantize_8bit-absmax": (lambda: ops.dequantize_8bit_blockwise(
         torch.zeros(1000, dtype=torch.uint8), torch.ones(4, device="meta"), SIGNED, 256, torch.float32),
-    "quantize_8bit-code": lambda: ops.quantize_8bit_blockwise(torch.randn(1000), SIGNED.to("meta"), 256),
-    "gemm_4bit-bias": lambda: F.matmul_4bit(torch.randn(2, 128), *w4(), torch.zeros(64, device="meta")),
-    "adamw8bit-grads": lambda: adam(grads=[torch.randn(5000, device="meta")]),
+        r"lowbit.dequantize_8bit_blockwise: argument 'absmax' is on meta but 'A' is on cpu"),
+    "quantize_8bit-code": (lambda: ops.quantize_8bit_blockwise(torch.randn(1000), SIGNED.to("meta"), 256),
+                           r"lowbit.quantize_8bit_blockwise: argument 'code' is on meta but 'A' is on cpu"),
+    "quantize_8bit-A": (lambda: ops.quantize_8bit_blockwise(torch.randn(1000, device="meta"), SIGNED, 256),
+                        r"lowbit.quantize_8bit_blockwise: argument 'code' is on cpu but 'A' is on meta"),
+    "gemm_4bit-bias": (lambda: F.matmul_4bit(torch.randn(2, 128), *w4(), torch.zeros(64, device="meta")),
+                       r"lowbit.gemm_4bit: argument 'bias' is on meta but 'x' is on cpu"),
+    "gemm_4bit-x": (lambda: F.matmul_4bit(torch.randn(2, 128, device="meta"), *w4()),
+                    r"lowbit.gemm_4bit: argument 'packed' is on cpu but 'x' is on meta"),
+    "gemm_4bit_t-offset": (lambda: gemm_4bit_t_with_offset(torch.zeros((), device="meta")),
+                           r"lowbit.gemm_4bit_t: argument 'offset' is on meta but 'packed' is on cpu"),
+    "adamw8bit-grads": (lambda: adam(grads=[torch.randn(5000, device="meta")]),
+                        r"lowbit.adamw8bit_step: argument 'grads\[0\]' is on meta but 'params\[0\]' is on cpu"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="a meta tensor among CPU tensors sends the call to the fake (meta) kernel, "
-                   "whose device is taken from one argument: it returns an uninitialized CPU tensor (the adamw "
-                   "step silently does nothing) instead of raising like the CPU/CUDA kernels do")
 @pytest.mark.parametrize("name", list(MIXED_META))
 def test_mixed_meta_and_cpu_arguments_are_refused(name):
-    with pytest.raises(ValueError, match=r"meta"):
-        MIXED_META[name]()
+    """A meta tensor among CPU tensors dispatches to the fake kernel; it must
+    raise like the CPU/CUDA kernels do for arguments on different devices,
+    not return uninitialised memory (or, for the in-place step, do nothing)."""
+    fn, match = MIXED_META[name]
+    with pytest.raises(ValueError, match=match):
+        fn()
 
 
-@pytest.mark.xfail(strict=True, reason="functional.quantize_4bit on a meta tensor fails in the NaN/Inf check with "
-                   "torch.nonzero's NotImplementedError; ops.quantize_4bit itself returns meta outputs")
-def test_quantize_4bit_on_meta_gives_meta_outputs():
-    packed, st = F.quantize_4bit(torch.randn(64, 128, device="meta"))
-    assert packed.is_meta and st.absmax.is_meta
+def test_all_meta_arguments_still_give_meta_outputs():
+    packed, st = w4()
+    st = st.to("meta")
+    out = F.dequantize_4bit(packed.to("meta"), st)
+    assert out.is_meta and out.shape == (64, 128)
+    y = F.matmul_4bit(torch.randn(2, 128, device="meta"), packed.to("meta"), st, torch.zeros(64, device="meta"))
+    assert y.is_meta and y.shape == (2, 64)
+    q, am = ops.quantize_8bit_blockwise(torch.randn(1000, device="meta"), SIGNED.to("meta"), 256)
+    assert q.is_meta and am.shape == (4,)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_quantize_4bit_on_meta_gives_meta_outputs(dq):
+    """The NaN/Inf check needs values; on meta it is skipped and the shapes flow through."""
+    packed, st = F.quantize_4bit(torch.randn(64, 128, device="meta"), double_quant=dq)
+    assert packed.is_meta and st.absmax.is_meta and packed.shape == (4096, 1) and st.absmax.shape == (128,)
+    assert st.nested == dq and (not dq or (st.nested_absmax.is_meta and st.offset.is_meta))
+    assert F.dequantize_4bit(packed, st).is_meta
 
 
 @pytest.mark.xfail(strict=True, reason="Linear4bit.forward casts an integer input to compute_dtype and the result "
@@ -843,65 +878,122 @@ def test_linear4bit_refuses_0dim_input():
         layer()(torch.tensor(1.0))
 
 
-@pytest.mark.xfail(strict=True, reason="save_quantized calls model.state_dict() before its meta check; "
-                   "QuantState.to_state_dict then raises RuntimeError('Tensor.item() cannot be called on meta tensors')")
 def test_save_quantized_refuses_a_meta_model(tmp_path):
-    with pytest.raises(ValueError, match=r"meta device"):
-        lowbit.save_quantized(nn.Sequential(Linear4bit(64, 8, device="meta")), str(tmp_path))
+    d = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"save_quantized: tensors on the meta device cannot be saved: "
+                                         r"\['0\.weight', '0\.bias', '0\.weight\.absmax'"):
+        lowbit.save_quantized(nn.Sequential(Linear4bit(64, 8, device="meta")), str(d))
+    assert not d.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a truncated or corrupted safetensors file raises safetensors' own "
-                   "SafetensorError ('Error while deserializing header: ...'), which does not say which file")
 @pytest.mark.parametrize("what", ["adapter", "checkpoint"])
 def test_corrupted_file_error_names_the_file(what, tmp_path):
-    with pytest.raises(Exception, match=r"\.safetensors"):
-        if what == "adapter":
+    """safetensors' own error says what is wrong but not which file; the loaders name it."""
+    if what == "adapter":
+        path = os.path.join(str(tmp_path), "adapter", ADAPTER_W)
+        with pytest.raises(ValueError) as ei:
             load_adapter_after(tmp_path, edit_files=lambda wp, cp: truncate(0.5)(wp))
-        else:
+        assert str(ei.value).startswith(f"load_adapter: {path} is not a valid safetensors file")
+    else:
+        path = os.path.join(str(tmp_path), "quant", "model.safetensors")
+        with pytest.raises(ValueError) as ei:
             load_quantized_after(tmp_path, edit_file=truncate(0.5))
+        assert str(ei.value).startswith(f"{path} is not a valid safetensors file")
+    assert "truncated or corrupted" in str(ei.value) and "deserializing header" in str(ei.value)
+    assert isinstance(ei.value.__cause__, _safetensors_error())
+
+
+def test_corrupted_shard_error_names_the_shard(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    lowbit.quantize_model(net, lora_r=0, skip_modules=("2",), progress=False)
+    d = str(tmp_path / "quant")
+    names = lowbit.save_quantized(net, d, max_shard_size=2000)
+    assert len(names) > 1
+    bad = os.path.join(d, names[-1])
+    truncate(0.5)(bad)
+    with pytest.raises(ValueError, match=r"^" + re.escape(bad) + r" is not a valid safetensors file"):
+        lowbit.load_quantized(d, device="cpu", model=skeleton(), progress=False)
 
 
 BAD_ADAPTER_CONFIGS = {
-    "not-json": (lambda wp, cp: open(cp, "w").write("{nope"), r"adapter_config.json"),
-    "a-list": (lambda wp, cp: open(cp, "w").write("[1, 2]"), r"adapter_config.json"),
+    "not-json": (lambda wp, cp: open(cp, "w").write("{nope"), r"adapter_config.json is not valid JSON"),
+    "not-utf8": (lambda wp, cp: open(cp, "wb").write(b"\xff\xfe{}"), r"adapter_config.json is not valid JSON"),
+    "a-list": (lambda wp, cp: open(cp, "w").write("[1, 2]"),
+               r"adapter_config.json holds a JSON list, expected an object"),
     "lora_alpha-string": (lambda wp, cp: json.dump({"peft_type": "LORA", "lora_alpha": "big"}, open(cp, "w")),
-                          r"lora_alpha"),
+                          r"adapter_config.json: 'lora_alpha' must be a finite number, got 'big'"),
+    "lora_alpha-nan": (lambda wp, cp: open(cp, "w").write('{"lora_alpha": NaN}'),
+                       r"adapter_config.json: 'lora_alpha' must be a finite number, got nan"),
+    "lora_dropout-string": (lambda wp, cp: json.dump({"lora_dropout": "0.1"}, open(cp, "w")),
+                            r"adapter_config.json: 'lora_dropout' must be a number in \[0, 1\), got '0.1'"),
+    "alpha_pattern-list": (lambda wp, cp: json.dump({"alpha_pattern": [8]}, open(cp, "w")),
+                           r"adapter_config.json: 'alpha_pattern' must be an object"),
+    "alpha_pattern-entry": (lambda wp, cp: json.dump({"alpha_pattern": {"0": "x"}}, open(cp, "w")),
+                            r"adapter_config.json: 'alpha_pattern' entry '0' must be a finite number, got 'x'"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="load_adapter reads adapter_config.json without checks: invalid JSON raises "
-                   "a bare JSONDecodeError, a JSON list an AttributeError ('list' object has no attribute 'get'), "
-                   "a string lora_alpha 'could not convert string to float' -- none names the file or the key")
 @pytest.mark.parametrize("name", list(BAD_ADAPTER_CONFIGS))
 def test_malformed_adapter_config_is_named(name, tmp_path):
     edit, match = BAD_ADAPTER_CONFIGS[name]
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=r"^load_adapter: .*" + match):
         load_adapter_after(tmp_path, edit_files=edit)
 
 
+def test_adapter_config_with_null_alpha_pattern_loads(tmp_path):
+    done = load_adapter_after(tmp_path, edit_config=lambda c: c.update(alpha_pattern=None, rank_pattern=None))
+    assert sorted(done) == ["0", "2"]
+
+
+def _nan_like(v):
+    return torch.full_like(v, float("nan"))
+
+
 NON_FINITE_STATES = {
-    "QuantState-nested_offset-nan": lambda: from_sd(lambda sd: None, lambda m: m.__setitem__("nested_offset", float("nan"))),
-    "QuantState-absmax-inf": lambda: F.QuantState.from_state_dict(
-        {**w4(dq=False)[1].to_state_dict("w."), "w.absmax": torch.full((128,), float("inf"))}, "w."),
-    "Linear4bit-nested_absmax-nan": lambda: load_layer(
-        lambda sd: sd.__setitem__("weight.nested_absmax", torch.full_like(sd["weight.nested_absmax"], float("nan")))),
-    "AdamW8bit-absmax1-nan": lambda: load_optimizer(set_state("absmax1", lambda v: torch.full_like(v, float("nan")))),
+    "QuantState-nested_offset-nan": (
+        lambda: from_sd(lambda sd: None, lambda m: m.__setitem__("nested_offset", float("nan"))),
+        r"quant state under prefix 'w\.': 'nested_offset' in the JSON of 'w\.quant_state\.bitsandbytes__nf4' "
+        r"must be a finite number, got nan"),
+    "QuantState-nested_offset-inf": (
+        lambda: from_sd(lambda sd: None, lambda m: m.__setitem__("nested_offset", float("-inf"))),
+        r"'nested_offset' .* must be a finite number, got -inf"),
+    "QuantState-absmax-inf": (
+        lambda: F.QuantState.from_state_dict(
+            {**w4(dq=False)[1].to_state_dict("w."), "w.absmax": torch.full((128,), float("inf"))}, "w."),
+        r"'w\.absmax' holds NaN or Inf \(128 of 128 values, the first at index 0, inf\)"),
+    "QuantState-absmax-one-nan": (
+        lambda: F.QuantState.from_state_dict(
+            {**w4(dq=False)[1].to_state_dict("w."), "w.absmax": torch.ones(128).index_fill_(0, torch.tensor([5]),
+                                                                                        float("nan"))}, "w."),
+        r"'w\.absmax' holds NaN or Inf \(1 of 128 values, the first at index 5, nan\)"),
+    "QuantState-nested_absmax-nan": (
+        lambda: from_sd(lambda sd: sd.__setitem__("w.nested_absmax", _nan_like(sd["w.nested_absmax"]))),
+        r"'w\.nested_absmax' holds NaN or Inf"),
+    "QuantState-quant_map-nan": (
+        lambda: from_sd(lambda sd: sd.__setitem__("w.quant_map", _nan_like(sd["w.quant_map"]))),
+        r"'w\.quant_map' holds NaN or Inf"),
+    "Linear4bit-nested_absmax-nan": (
+        lambda: load_layer(lambda sd: sd.__setitem__("weight.nested_absmax", _nan_like(sd["weight.nested_absmax"]))),
+        r"Linear4bit: cannot load the 4-bit weight: .*'weight\.nested_absmax' holds NaN or Inf"),
+    "AdamW8bit-absmax1-nan": pytest.param(
+        lambda: load_optimizer(set_state("absmax1", _nan_like)), r"NaN|Inf|finite",
+        marks=pytest.mark.xfail(strict=True, reason="AdamW8bit.load_state_dict accepts non-finite absmax1/absmax2 "
+                                "silently; after one step every parameter becomes NaN")),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="non-finite scales in a loaded quant state or optimizer state are accepted "
-                   "silently; every dequantized weight (or, after one step, every parameter) becomes NaN")
-@pytest.mark.parametrize("name", list(NON_FINITE_STATES))
-def test_non_finite_loaded_scales_are_refused(name):
-    with pytest.raises(ValueError, match=r"NaN|Inf|finite"):
-        NON_FINITE_STATES[name]()
+@pytest.mark.parametrize("fn,match", list(NON_FINITE_STATES.values()), ids=list(NON_FINITE_STATES))
+def test_non_finite_loaded_scales_are_refused(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
 
 
-@pytest.mark.xfail(strict=True, reason="a non-numeric nested_offset in the quant-state JSON raises float()'s "
-                   "ValueError 'could not convert string to float', which names neither the key nor the prefix")
 def test_non_numeric_nested_offset_is_named():
-    with pytest.raises(ValueError, match=r"nested_offset"):
-        from_sd(lambda sd: None, lambda m: m.__setitem__("nested_offset", "abc"))
+    for bad in ("abc", None, [1.0], True):
+        with pytest.raises(ValueError, match=r"quant state under prefix 'w\.': 'nested_offset' in the JSON of "
+                                             r"'w\.quant_state\.bitsandbytes__nf4' must be a finite number, got "):
+            from_sd(lambda sd: None, lambda m: m.__setitem__("nested_offset", bad))
 
 
 @pytest.mark.xfail(strict=True, reason="AdamW8bit(lr='0.1') raises TypeError(\"'>=' not supported between instances "

@@ -3,11 +3,10 @@ previous file whole and loadable, with no temporary file behind; and a
 lowbit-finetune run killed with SIGKILL after a checkpoint resumes to exactly
 the result of an uninterrupted run.
 
-The resumed run is bit-identical only with --lora-dropout 0: the checkpoint
-holds the adapters, the optimizer and scheduler states, the step and the
-losses, and the batches are a function of (seed, step), but the random
-generator is not saved, so a resumed run draws other dropout masks than the
-uninterrupted one would have.
+The resumed run is bit-identical with LoRA dropout on: the checkpoint holds
+the adapters, the optimizer and scheduler states, the step, the losses and
+torch's random generator states (which draw the dropout masks), and the
+batches are a function of (seed, step).
 """
 import math
 import os
@@ -91,6 +90,30 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatc
         assert torch.equal(v, saved_a[k])
 
 
+def test_checkpoint_restores_the_random_generator(tmp_path, capsys):
+    """The dropout masks after a resume are the ones the saved run would have drawn next."""
+    model, opt, sched, step = _small_training_state()
+    path = str(tmp_path / finetune.CHECKPOINT_NAME)
+    step()
+    finetune.save_checkpoint(path, model, opt, sched, 1, [1.0], {"model": "m"})
+    want = torch.rand(8)
+    torch.manual_seed(123)  # a fresh process would start elsewhere
+    model2, opt2, sched2, _ = _small_training_state()
+    finetune.load_checkpoint(path, model2, opt2, sched2, {"model": "m"})
+    assert torch.equal(torch.rand(8), want)
+
+    # A checkpoint without the state (written before it was saved) still resumes, with a note.
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["rng"]
+    torch.save(ckpt, path)
+    assert finetune.load_checkpoint(path, model2, opt2, sched2, {"model": "m"}) == (1, [1.0])
+    assert "no random generator state" in capsys.readouterr().out
+    ckpt["rng"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}
+    torch.save(ckpt, path)
+    with pytest.raises(finetune.FinetuneError, match=r"unusable random generator state"):
+        finetune.load_checkpoint(path, model2, opt2, sched2, {"model": "m"})
+
+
 def test_interrupted_adapter_save_keeps_the_previous_one(tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -116,7 +139,7 @@ def test_interrupted_adapter_save_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def _argv(tiny, out, steps, *extra):  # noqa: F811
     return ["--model", tiny["model"], "--data", tiny["data"], "--output", str(out), "--device", "cpu",
-            "--seq-len", "32", "--batch-size", "4", "--eval-seqs", "2", "--lr", "5e-3", "--lora-dropout", "0",
+            "--seq-len", "32", "--batch-size", "4", "--eval-seqs", "2", "--lr", "5e-3", "--lora-dropout", "0.1",
             "--steps", str(steps), "--save-every", "2", "--seed", "3", *extra]
 
 

@@ -4,13 +4,14 @@ adapter_config.json), so `peft.PeftModel.from_pretrained` loads them onto the
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from ._files import atomic_write
+from ._files import atomic_write, reading_safetensors
 from .nn.linear4bit import Linear4bit
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,6 +67,39 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: Opti
     return directory
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_config(cpath: str) -> dict:
+    """adapter_config.json, checked for what load_adapter reads from it; every
+    error is a ValueError naming the file (and the key)."""
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"load_adapter: {cpath} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {cpath} holds a JSON {type(config).__name__}, expected an object "
+                         "(PEFT's adapter config)")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_adapter: {cpath} describes a {config.get('peft_type')} adapter, not LORA")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise ValueError(f"load_adapter: {cpath}: 'lora_alpha' must be a finite number, got {config['lora_alpha']!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"load_adapter: {cpath}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"load_adapter: {cpath}: 'alpha_pattern' must be an object mapping layer names to "
+                         f"numbers, got {type(pattern).__name__}")
+    for k, v in pattern.items():
+        if not _is_number(v):
+            raise ValueError(f"load_adapter: {cpath}: 'alpha_pattern' entry {k!r} must be a finite number, got {v!r}")
+    config["alpha_pattern"] = pattern
+    return config
+
+
 def load_adapter(model: nn.Module, directory: str, strict: bool = True) -> Dict[str, Linear4bit]:
     """Loads PEFT-format LoRA weights into the matching Linear4bit layers of
     `model` (creating adapters where a layer has none). Returns the layers set."""
@@ -75,11 +109,9 @@ def load_adapter(model: nn.Module, directory: str, strict: bool = True) -> Dict[
     for p in (wpath, cpath):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"load_adapter: {p} does not exist (expected PEFT's {WEIGHTS_NAME} and {CONFIG_NAME})")
-    with open(cpath) as f:
-        config = json.load(f)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"load_adapter: {cpath} describes a {config.get('peft_type')} adapter, not LORA")
-    tensors = load_file(wpath)
+    config = _read_config(cpath)
+    with reading_safetensors(wpath, "load_adapter"):
+        tensors = load_file(wpath)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     found: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -109,7 +141,7 @@ def load_adapter(model: nn.Module, directory: str, strict: bool = True) -> Dict[
                 f"load_adapter: layer {name!r} expects lora_A [r, {m.in_features}] and lora_B "
                 f"[{m.out_features}, r], got {list(a.shape)} and {list(b.shape)}"
             )
-        alpha = config.get("alpha_pattern", {}).get(name, config.get("lora_alpha", r))
+        alpha = config["alpha_pattern"].get(name, config.get("lora_alpha", r))
         if m.lora_A is None or m.r != r:
             m.add_lora(r, alpha, float(config.get("lora_dropout", 0.0)))
         m.lora_alpha, m.scaling = float(alpha), float(alpha) / r

@@ -251,11 +251,39 @@ def adapter_tensors(model) -> dict:
     return out
 
 
+def _adapter_device(model) -> torch.device:
+    from lowbit.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and m.lora_A is not None:
+            return m.lora_A.device
+    return torch.device("cpu")
+
+
+def rng_state(device: torch.device) -> dict:
+    """torch's generator states that training draws from (the LoRA dropout
+    masks): the CPU one, and the CUDA one of `device` when training there."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device, path: str) -> None:
+    try:
+        torch.set_rng_state(state["cpu"])
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise FinetuneError(f"--resume: {path} holds an unusable random generator state ({e})") from None
+
+
 def save_checkpoint(path: str, model, optimizer, scheduler, step: int, losses: List[float], meta: dict):
     from lowbit._files import atomic_write
 
     state = dict(step=step, losses=losses, meta=meta, adapter=adapter_tensors(model),
-                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 rng=rng_state(_adapter_device(model)))
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -281,6 +309,15 @@ def load_checkpoint(path: str, model, optimizer, scheduler, meta: dict) -> Tuple
                 m.lora_B.copy_(saved[n + ".lora_B"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The dropout masks of the steps to come are drawn from where the saved
+    # run left off, so the resumed run continues it bit for bit (on the same
+    # device). A checkpoint from before the state was saved resumes too, with
+    # other masks.
+    if "rng" in state:
+        set_rng_state(state["rng"], _adapter_device(model), path)
+    else:
+        print(f"note: {path} holds no random generator state; the resumed run draws other dropout masks "
+              f"than an uninterrupted one would")
     return int(state["step"]), list(state["losses"])
 
 

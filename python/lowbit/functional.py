@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -78,6 +79,19 @@ def _dtype_from_name(name, key) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"quant state: {key} {name!r} is not a torch dtype name")
     return dt
+
+
+def _check_finite_scales(key: str, t: Optional[torch.Tensor], where: str) -> None:
+    """Refuses NaN/Inf in loaded float scales and code maps (uint8 codes and meta tensors pass)."""
+    if t is None or not t.is_floating_point() or t.is_meta or t.numel() == 0:
+        return
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        first = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"quant state{where}: '{key}' holds NaN or Inf ({int(bad.sum())} of {t.numel()} values, the first at "
+            f"index {first}, {t.flatten()[first].item()}); it must be finite (the checkpoint is corrupted)"
+        )
 
 
 @dataclasses.dataclass
@@ -209,10 +223,14 @@ class QuantState:
                 if k not in meta:
                     raise ValueError(f"quant state{where}: double-quantized state lacks '{k}' in its JSON")
             _check_blocksize(meta["nested_blocksize"], "nested_blocksize in the quant state")
+            off = meta["nested_offset"]
+            if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+                raise ValueError(f"quant state{where}: 'nested_offset' in the JSON of '{qs_key}' must be a finite "
+                                 f"number, got {off!r}")
             kw = dict(
                 nested_absmax=need("nested_absmax"),
                 nested_code=need("nested_quant_map"),
-                offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device),
+                offset=torch.tensor(float(off), dtype=torch.float32, device=absmax.device),
                 nested_blocksize=meta["nested_blocksize"],
             )
         state = cls(
@@ -225,6 +243,11 @@ class QuantState:
             **kw,
         )
         state.validate(where=f"quant state{where}")
+        # Every dequantized weight of a block with a NaN/Inf scale is NaN; a
+        # checkpoint holding one is corrupted (quantize_4bit never writes one).
+        for name, t in (("absmax", state.absmax), ("nested_absmax", state.nested_absmax),
+                        ("quant_map", state.code), ("nested_quant_map", state.nested_code)):
+            _check_finite_scales(prefix + name, t, where)
         return state
 
     def validate(self, packed: Optional[torch.Tensor] = None, where: str = "quant state"):
@@ -307,7 +330,8 @@ def quantize_4bit(
     _check_blocksize(blocksize)
     _check_quant_type(quant_type)
     packed, absmax = ops.quantize_4bit(w, blocksize, quant_type)
-    if check_finite and absmax.numel():
+    # A meta tensor holds no values to check (shapes only).
+    if check_finite and absmax.numel() and absmax.device.type != "meta":
         _raise_non_finite(absmax, blocksize)
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type)
     if double_quant:

@@ -15,6 +15,35 @@ def _nblocks(n, blocksize):
     return -(-n // blocksize)
 
 
+def _is_meta(t) -> bool:
+    return t.device.type == "meta"
+
+
+def _check_not_mixed_meta(op: str, ref_name: str, ref: torch.Tensor, *named) -> None:
+    """Refuses a call that mixes meta tensors with tensors on a real device.
+
+    Such a call dispatches to the fake kernel below (the Meta key wins over
+    CPU/CUDA), which would hand back uninitialised memory, or for an in-place
+    op do nothing, instead of the error the CPU/CUDA kernels raise for
+    arguments on different devices. Only the meta/non-meta mix is refused:
+    all-meta calls are shape propagation, and under FakeTensorMode (the
+    torch.compile/export tracers) fake tensors report their real device.
+    `named` holds (name, tensor-or-None) pairs, each checked against `ref`.
+    """
+    ref_meta = _is_meta(ref)
+    for name, t in named:
+        if t is not None and _is_meta(t) != ref_meta:
+            raise ValueError(
+                f"lowbit.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                "move both to the same device"
+            )
+
+
+def _weight_args(code, absmax, nested_absmax, nested_code, offset):
+    return (("code", code), ("absmax", absmax), ("nested_absmax", nested_absmax), ("nested_code", nested_code),
+            ("offset", offset))
+
+
 # ---------------------------------------------------------------- fake kernels
 
 
@@ -29,16 +58,20 @@ def _(A, blocksize, quant_type):
 @torch.library.register_fake("lowbit::dequantize_4bit")
 def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None, offset=None,
       nested_blocksize=256):
+    _check_not_mixed_meta("dequantize_4bit", "packed", packed,
+                          *_weight_args(code, absmax, nested_absmax, nested_code, offset))
     return packed.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("lowbit::quantize_8bit_blockwise")
 def _(A, code, blocksize):
+    _check_not_mixed_meta("quantize_8bit_blockwise", "A", A, ("code", code))
     return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((_nblocks(A.numel(), blocksize),), dtype=torch.float32)
 
 
 @torch.library.register_fake("lowbit::dequantize_8bit_blockwise")
 def _(A, absmax, code, blocksize, dtype):
+    _check_not_mixed_meta("dequantize_8bit_blockwise", "A", A, ("code", code), ("absmax", absmax))
     return A.new_empty(A.shape, dtype=dtype)
 
 
@@ -88,6 +121,9 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
 @torch.library.register_fake("lowbit::gemm_4bit")
 def _(x, packed, absmax, code, blocksize, N, K, nested_absmax=None, nested_code=None, offset=None,
       nested_blocksize=256, bias=None):
+    _check_not_mixed_meta("gemm_4bit", "x", x, ("packed", packed), ("bias", bias))
+    _check_not_mixed_meta("gemm_4bit", "packed", packed,
+                          *_weight_args(code, absmax, nested_absmax, nested_code, offset))
     torch._check(x.shape[-1] == K, lambda: f"lowbit.gemm_4bit: x.shape[-1] must be K = {K}, got {x.shape[-1]}")
     return x.new_empty((*x.shape[:-1], N))
 
@@ -95,6 +131,9 @@ def _(x, packed, absmax, code, blocksize, N, K, nested_absmax=None, nested_code=
 @torch.library.register_fake("lowbit::gemm_4bit_t")
 def _(g, packed, absmax, code, blocksize, N, K, nested_absmax=None, nested_code=None, offset=None,
       nested_blocksize=256):
+    _check_not_mixed_meta("gemm_4bit_t", "g", g, ("packed", packed))
+    _check_not_mixed_meta("gemm_4bit_t", "packed", packed,
+                          *_weight_args(code, absmax, nested_absmax, nested_code, offset))
     torch._check(g.shape[-1] == N, lambda: f"lowbit.gemm_4bit_t: g.shape[-1] must be N = {N}, got {g.shape[-1]}")
     return g.new_empty((*g.shape[:-1], K))
 
@@ -177,6 +216,21 @@ def gemm_4bit_t(
 @torch.library.register_fake("lowbit::adamw8bit_step")
 def _(params, grads, state1, state2, absmax1, absmax2, steps, lr, code1, code2, beta1, beta2, eps, weight_decay,
       blocksize=256):
+    # The step is in place: a fake kernel that returns quietly on a mixed
+    # meta/real call would skip the update, so refuse it as the real kernel
+    # refuses arguments on different devices. lr may stay on the CPU.
+    op = "adamw8bit_step"
+    _check_not_mixed_meta(op, "code1", code1, ("code2", code2), *(
+        (f"params[{i}]", p) for i, p in enumerate(params)))
+    for name, ts in (("grads", grads), ("state1", state1), ("state2", state2), ("absmax1", absmax1),
+                     ("absmax2", absmax2), ("steps", steps)):
+        for i, (p, t) in enumerate(zip(params, ts)):
+            # float32 states carry empty absmax tensors, which may live anywhere
+            if name.startswith("absmax") and _is_meta(t) != _is_meta(p) and t.numel() == 0:
+                continue
+            _check_not_mixed_meta(op, f"params[{i}]", p, (f"{name}[{i}]", t))
+    if params and lr.device.type != "cpu":
+        _check_not_mixed_meta(op, "params[0]", params[0], ("lr", lr))
     return None
 
 

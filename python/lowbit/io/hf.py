@@ -114,6 +114,21 @@ def _tied_duplicates(model: nn.Module) -> Set[str]:
     return dups
 
 
+def _meta_tensor_names(model: nn.Module, layers: Dict[str, Linear4bit]) -> List[str]:
+    """Names of the tensors save_quantized would write that live on the meta
+    device (LoRA factors are not written, so they are not looked at)."""
+    lora = {f"{n}.{k}" for n, m in layers.items() if m.lora_A is not None for k in ("lora_A", "lora_B")}
+    names = [n for n, t in model.named_parameters() if t.is_meta and n not in lora]
+    names += [n for n, t in model.named_buffers() if t.is_meta]
+    for n, m in layers.items():
+        st = m.quant_state
+        for k, t in (("absmax", st.absmax), ("quant_map", st.code), ("nested_absmax", st.nested_absmax),
+                     ("nested_quant_map", st.nested_code), ("nested_offset", st.offset)):
+            if t is not None and t.is_meta:
+                names.append(f"{n}.weight.{k}")
+    return list(dict.fromkeys(names))
+
+
 def save_quantized(model: nn.Module, directory: str, config=None, safe_serialization: bool = True,
                    max_shard_size="5GB") -> List[str]:
     """Writes a model converted by lowbit (Linear4bit layers) as a bitsandbytes
@@ -132,6 +147,13 @@ def save_quantized(model: nn.Module, directory: str, config=None, safe_serializa
         raise ValueError("save_quantized: the model has no Linear4bit layers; convert it first with "
                          "lowbit.quantize_model (or save a 16-bit model with save_pretrained)")
     max_bytes = S.parse_size(max_shard_size)
+    # Before state_dict(): a quant state on meta cannot even be serialized
+    # (its nested offset is read with .item()).
+    meta = _meta_tensor_names(model, layers)
+    if meta:
+        raise ValueError(f"save_quantized: tensors on the meta device cannot be saved: {meta[:5]}"
+                         f"{f' (and {len(meta) - 5} more)' if len(meta) > 5 else ''}; load or materialize the "
+                         "weights first")
     sd = model.state_dict()
     for name, m in layers.items():
         if m.lora_A is not None:
@@ -139,9 +161,6 @@ def save_quantized(model: nn.Module, directory: str, config=None, safe_serializa
             sd.pop(f"{name}.lora_B", None)
     for n in _tied_duplicates(model):
         sd.pop(n, None)
-    meta = [k for k, v in sd.items() if v.is_meta]
-    if meta:
-        raise ValueError(f"save_quantized: tensors on the meta device cannot be saved: {meta[:5]}")
     # safetensors refuses tensors sharing memory; the 16-entry code books of all
     # layers are one cached tensor, so each key gets its own copy where needed.
     storages: Set[Tuple[str, int]] = set()
@@ -238,7 +257,7 @@ def _stream(shard_list, device: torch.device, bar):
 
     dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
     for path, keys in shard_list:
-        with safe_open(path, framework="pt", device=dev) as f:
+        with S.reading_safetensors(path), safe_open(path, framework="pt", device=dev) as f:
             present = set(f.keys())
             for k in keys:
                 if k not in present:

@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from .._files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from .._files import atomic_write, atomic_write_text, reading_safetensors  # noqa: F401  (re-exported)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -108,7 +108,7 @@ def list_shards(directory: str) -> List[Tuple[str, List[str]]]:
             out.append((path, by_file[fname]))
         return out
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with reading_safetensors(single), safe_open(single, framework="pt") as f:
             return [(single, list(f.keys()))]
     present = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth")))
     hint = f" (found {present}: only safetensors checkpoints are read)" if present else ""
