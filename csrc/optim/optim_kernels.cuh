@@ -5,8 +5,9 @@
 // travel in the kernel-argument struct (no metadata copy to the device, so no
 // host synchronization and the launch is capturable in a CUDA graph). Each
 // thread block takes one chunk of kChunk elements of one tensor; inside an
-// 8-bit chunk each warp owns whole 256-element absmax blocks (8 elements per
-// lane, vector loads), so the block absmax is a warp shuffle reduction.
+// 8-bit chunk each warp owns whole 256-element absmax blocks (4 + 4 elements
+// per lane, coalesced vector loads), so the block absmax is a warp shuffle
+// reduction.
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
