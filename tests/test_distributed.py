@@ -6,16 +6,14 @@ timeout, kills them on failure, and compares what they wrote to a temp folder
 with a single-process run computed here.
 """
 import os
-import socket
-import subprocess
-import sys
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn as nn
 
 import torch.distributed as dist
+
+import gloo_procs
 
 if __name__ != "__main__" and not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
@@ -156,49 +154,11 @@ def _worker_fsdp(rank, out):
     torch.save({"losses": torch.tensor(losses, dtype=torch.float64), "lora": full}, os.path.join(out, f"rank{rank}.pt"))
 
 
-def _worker_main(mode, out):
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        {"ddp": _worker_ddp, "mismatch": _worker_mismatch, "fsdp": _worker_fsdp}[mode](rank, out)
-    finally:
-        dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------ test side
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode, out):
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), CUDA_VISIBLE_DEVICES="",
-                   OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(p for p in (PYTHON_DIR, os.environ.get("PYTHONPATH")) if p))
-        if sys.platform.startswith("linux"):
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: containers' hostnames may not resolve
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers ({mode}) did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} ({mode}) exited with {p.returncode}:\n{text[-4000:]}"
-    return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    return gloo_procs.launch(__file__, mode, out, WORLD, TIMEOUT_S)
+
 
 
 def test_ddp_matches_single_process(tmp_path):
@@ -243,4 +203,4 @@ def test_fully_shard_lora_matches_single_process(tmp_path):
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], sys.argv[2])
+    gloo_procs.run_worker({"ddp": _worker_ddp, "mismatch": _worker_mismatch, "fsdp": _worker_fsdp})

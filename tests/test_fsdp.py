@@ -9,16 +9,14 @@ partial last record, a layer of one record (rank 1's shard is empty), and a
 plain (unquantized, frozen) head.
 """
 import os
-import socket
-import subprocess
-import sys
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn as nn
 
 import torch.distributed as dist
+
+import gloo_procs
 
 if __name__ != "__main__":
     if not (dist.is_available() and dist.is_gloo_available()):
@@ -272,49 +270,11 @@ def _worker_bad(rank, out):
     torch.save(messages, os.path.join(out, f"rank{rank}.pt"))
 
 
-def _worker_main(mode, out):
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        {"train": _worker_train, "optim8": _worker_optim8, "bad": _worker_bad}[mode](rank, out)
-    finally:
-        dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------ test side
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode, out):
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), CUDA_VISIBLE_DEVICES="",
-                   OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(p for p in (PYTHON_DIR, os.environ.get("PYTHONPATH")) if p))
-        if sys.platform.startswith("linux"):
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"FSDP workers ({mode}) did not finish within {TIMEOUT_S} s (a hang?)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} ({mode}) exited with {p.returncode}:\n{text[-4000:]}"
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return gloo_procs.launch(__file__, mode, out, WORLD, TIMEOUT_S)
+
 
 
 @pytest.fixture(scope="module")
@@ -425,4 +385,4 @@ def test_bad_inputs_raise_on_every_rank(tmp_path):
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], sys.argv[2])
+    gloo_procs.run_worker({"train": _worker_train, "optim8": _worker_optim8, "bad": _worker_bad})
