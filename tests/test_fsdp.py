@@ -157,6 +157,24 @@ def _expected_gather_bytes(model, world):
     return per_group
 
 
+def train_sharded(model, opt, rank, world=WORLD, device=None):
+    """The steps of batches() on this rank's slice of each global batch; the
+    mean loss over the ranks per step."""
+    per = GLOBAL_BATCH // world
+    losses = []
+    for x, y in batches():
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        loss = nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        g = loss.detach().clone()
+        dist.all_reduce(g)
+        losses.append(g.item() / world)
+    return losses
+
+
 def _worker_train(rank, out):
     import lowbit
 
@@ -179,15 +197,7 @@ def _worker_train(rank, out):
     model.zero_grad(set_to_none=True)
 
     opt = make_optimizer(model)
-    losses = []
-    for x, y in batches():
-        loss = nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        g = loss.detach().clone()
-        dist.all_reduce(g)
-        losses.append(g.item() / WORLD)
+    losses = train_sharded(model, opt, rank)
     assert all(type(s["state1"]).__name__ == "Tensor" for s in opt.state.values())
 
     full = lowbit.distributed.full_state_dict(model)
@@ -220,16 +230,7 @@ def _worker_optim8(rank, out):
         model = build_model()
         lowbit.distributed.shard_model(model)
         opt = make_optimizer(model, min_8bit_size=0, paged=paged)
-        per = GLOBAL_BATCH // WORLD
-        losses = []
-        for x, y in batches():
-            loss = nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            g = loss.detach().clone()
-            dist.all_reduce(g)
-            losses.append(g.item() / WORLD)
+        losses = train_sharded(model, opt, rank)
         states = [(tuple(p.to_local().shape), s["state1"].dtype, tuple(s["state1"].shape))
                   for group in opt.param_groups for p in group["params"] for s in [opt.state[p]]]
         res[paged] = {"losses": losses, "states": states}

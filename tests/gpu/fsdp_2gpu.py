@@ -85,16 +85,7 @@ def main():
                   f"grad {n}: max diff {(g - ref_grads[n]).abs().max().item():.3g}")
     model.zero_grad(set_to_none=True)
     opt = T.make_optimizer(model)
-    losses = []
-    for x, y in T.batches():
-        x, y = x.to(dev), y.to(dev)
-        loss = nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        g = loss.detach().clone()
-        dist.all_reduce(g)
-        losses.append(g.item() / world)
+    losses = T.train_sharded(model, opt, rank, world, dev)
     diff = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(losses, ref_losses))
     check(diff < 1e-3, f"loss curve differs from single GPU by {diff:.3g} (relative)")
     full = lowbit.distributed.full_state_dict(model, rank0_only=False)
