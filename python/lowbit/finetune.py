@@ -20,6 +20,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ._cli import positive_int
+
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_NAME = "checkpoint.pt"
 # Defaults per device: the CPU ones keep a run with the default model, both
@@ -36,16 +38,6 @@ class FinetuneError(Exception):
 
 # ---------------------------------------------------------------- arguments
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowbit-finetune",
@@ -58,24 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="lowbit-finetune-output",
                    help="directory for the adapter (OUTPUT/adapter) and the checkpoint (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--steps", type=_positive, help=f"optimizer steps (default {GPU_DEFAULTS['steps']} on GPU, "
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {GPU_DEFAULTS['steps']} on GPU, "
                                                     f"{CPU_DEFAULTS['steps']} on CPU)")
-    p.add_argument("--batch-size", type=_positive, help=f"sequences per step (default {GPU_DEFAULTS['batch_size']} "
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {GPU_DEFAULTS['batch_size']} "
                                                          f"on GPU, {CPU_DEFAULTS['batch_size']} on CPU)")
-    p.add_argument("--seq-len", type=_positive, help=f"tokens per sequence (default {GPU_DEFAULTS['seq_len']} on "
+    p.add_argument("--seq-len", type=positive_int, help=f"tokens per sequence (default {GPU_DEFAULTS['seq_len']} on "
                                                       f"GPU, {CPU_DEFAULTS['seq_len']} on CPU)")
-    p.add_argument("--eval-seqs", type=_positive, help="held-out sequences to measure perplexity on "
+    p.add_argument("--eval-seqs", type=positive_int, help="held-out sequences to measure perplexity on "
                                                         f"(default {GPU_DEFAULTS['eval_seqs']} on GPU, "
                                                         f"{CPU_DEFAULTS['eval_seqs']} on CPU)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up before the "
                                                               "cosine decay (default %(default)s)")
-    p.add_argument("--lora-r", type=_positive, default=16)
+    p.add_argument("--lora-r", type=positive_int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, about a third slower")
-    p.add_argument("--save-every", type=_positive, default=50, help="steps between checkpoints (default %(default)s)")
+    p.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+
+from ._cli import positive_int
 
 # ---------------------------------------------------------------- calibration table
 # Every constant that is measured rather than derived lives here. After a GPU
@@ -466,7 +467,7 @@ def plan_memory(
     if unknown:
         raise ValueError(f"lora_targets {unknown} are not projections of a Llama decoder layer ({sorted(known)})")
     e = torch.empty((), dtype=compute_dtype).element_size()
-    H, I, L, V = m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.vocab_size
+    H, L, V = m.hidden_size, m.num_hidden_layers, m.vocab_size
     T = batch_size * seq_len
 
     # ---- static
@@ -577,16 +578,6 @@ def max_seq_len(config, gpu_mem_gib: float, batch_size: int = 1, *, multiple_of:
 EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowbit-plan",
@@ -596,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True,
                    help=f"config.json, a model directory, or a preset: {', '.join(sorted(PRESETS))}")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
-    p.add_argument("--seq-len", type=_positive_int, default=2048)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--targets", default=",".join(LLAMA_TARGETS), help="comma-separated projections (4-bit + LoRA)")
@@ -607,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--chunked-ce", action="store_true", help="loss in chunks (lowbit.nn.causal_lm_loss)")
-    p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="saved activations in pinned host memory (lowbit.nn.offload_activations)")
     p.add_argument("--max-seq", action="store_true", help="also print the longest seq len that fits --gpu-mem")
