@@ -1,5 +1,5 @@
 #pragma once
-// Small CUDA helpers: 8-wide loads of fp32/fp16/bf16 into float registers and
+// Small CUDA helpers: 4- and 8-wide loads of fp32/fp16/bf16 into float registers and
 // the matching stores, with a guarded scalar path for tails and unaligned views.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -46,48 +46,60 @@ __device__ __forceinline__ void unpack2<c10::Half>(uint32_t w, float& a, float& 
   b = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
-// Loads x[base .. base+8) as floats; elements at or past n read as 0.
-// `vec` says the pointer is 16-byte aligned (base is a multiple of 8).
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ x, int64_t base, int64_t n, bool vec, float v[8]) {
-  if (vec && base + 8 <= n) {
+// N (4 or 8) consecutive elements x[base .. base+N) as floats; elements at or
+// past n read as 0. `vec` says the access may be vectorized: x + base is
+// aligned to the vector (4 * N bytes for float, 2 * N for 16-bit types).
+template <int N, typename T>
+__device__ __forceinline__ void load_n(const T* __restrict__ x, int64_t base, int64_t n, bool vec, float v[N]) {
+  static_assert(N == 4 || N == 8, "4 or 8 elements");
+  if (vec && base + N <= n) {
     if constexpr (sizeof(T) == 4) {
-      const float4 a = *reinterpret_cast<const float4*>(x + base);
-      const float4 b = *reinterpret_cast<const float4*>(x + base + 4);
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
+#pragma unroll
+      for (int h = 0; h < N / 4; ++h) {
+        const float4 a = *reinterpret_cast<const float4*>(x + base + 4 * h);
+        v[4 * h] = a.x, v[4 * h + 1] = a.y, v[4 * h + 2] = a.z, v[4 * h + 3] = a.w;
+      }
+    } else if constexpr (N == 8) {
       const uint4 r = *reinterpret_cast<const uint4*>(x + base);
       unpack2<T>(r.x, v[0], v[1]);
       unpack2<T>(r.y, v[2], v[3]);
       unpack2<T>(r.z, v[4], v[5]);
       unpack2<T>(r.w, v[6], v[7]);
+    } else {
+      const uint2 r = *reinterpret_cast<const uint2*>(x + base);
+      unpack2<T>(r.x, v[0], v[1]);
+      unpack2<T>(r.y, v[2], v[3]);
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = (base + j < n) ? to_float(x[base + j]) : 0.0f;
+    for (int j = 0; j < N; ++j) v[j] = (base + j < n) ? to_float(x[base + j]) : 0.0f;
   }
 }
 
-// Stores 8 floats to out[base .. base+8) (only the elements before n).
 template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ out, int64_t base, int64_t n, bool vec, const float v[8]) {
-  if (vec && base + 8 <= n) {
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  return static_cast<uint32_t>(from_float<T>(a).x) | (static_cast<uint32_t>(from_float<T>(b).x) << 16);
+}
+
+// Stores N (4 or 8) floats to out[base .. base+N) (only the elements before n).
+template <int N, typename T>
+__device__ __forceinline__ void store_n(T* __restrict__ out, int64_t base, int64_t n, bool vec, const float v[N]) {
+  static_assert(N == 4 || N == 8, "4 or 8 elements");
+  if (vec && base + N <= n) {
     if constexpr (sizeof(T) == 4) {
-      *reinterpret_cast<float4*>(out + base) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(out + base + 4) = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-      uint32_t w[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t lo = from_float<T>(v[2 * j]).x;
-        const uint32_t hi = from_float<T>(v[2 * j + 1]).x;
-        w[j] = lo | (hi << 16);
-      }
-      *reinterpret_cast<uint4*>(out + base) = make_uint4(w[0], w[1], w[2], w[3]);
+      for (int h = 0; h < N / 4; ++h)
+        *reinterpret_cast<float4*>(out + base + 4 * h) =
+            make_float4(v[4 * h], v[4 * h + 1], v[4 * h + 2], v[4 * h + 3]);
+    } else if constexpr (N == 8) {
+      *reinterpret_cast<uint4*>(out + base) =
+          make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+    } else {
+      *reinterpret_cast<uint2*>(out + base) = make_uint2(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]));
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < N; ++j)
       if (base + j < n) out[base + j] = from_float<T>(v[j]);
   }
 }

@@ -142,6 +142,16 @@ LOWBIT_HD uint32_t float_bits(float f) {
 #endif
 }
 
+LOWBIT_HD float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
 // Nearest grid index: adding 2^23 leaves the rounded integer in the low
 // mantissa bits. The product by a power of two is exact, so a fused
 // multiply-add and a multiply followed by an add round identically.
@@ -270,25 +280,48 @@ LOWBIT_HD uint32_t map_cell(float x) {
 
 LOWBIT_HD float map_midpoint(const float* code, int i) { return (code[i] + code[i + 1]) * 0.5f; }
 
+// The pieces of the cell table, shared by the host builder below and the CUDA
+// one (optim/optim_kernels.cuh), which runs them one thread per index.
+//
+// Midpoint i of `code` when entries i and i+1 are ascending, inside [-1, 1]
+// and have their midpoint strictly between them; NaN otherwise (such a map
+// cannot use the table).
+LOWBIT_HD float map_midpoint_checked(const float* code, int i) {
+  const float m = map_midpoint(code, i);
+  const bool ok = code[i] >= -1.0f && code[i + 1] <= 1.0f && code[i] < m && m < code[i + 1];
+  return ok ? m : float_from_bits(0x7FC00000u);
+}
+
+// Table entry of cell o: the midpoints in earlier cells, a lower bound over
+// the 255 ascending midpoint cells.
+LOWBIT_HD uint8_t map_cell_count(const uint32_t* cells, uint32_t o) {
+  int lo = 0, len = 255;
+  while (len > 0) {
+    const int half = len >> 1;
+    if (cells[lo + half] < o) {
+      lo += half + 1;
+      len -= half + 1;
+    } else {
+      len = half;
+    }
+  }
+  return static_cast<uint8_t>(lo);
+}
+
 // Host construction of the cell table (count[kMapCells]) and midpoints
 // (mid[256], mid[255] = NaN so no value passes it). Returns false when the
-// map is not strictly ascending or a cell would hold two midpoints; the
-// caller then keeps the binary search.
+// map is not strictly ascending in [-1, 1] or a cell would hold two
+// midpoints; the caller then keeps the binary search.
 inline bool build_map_cells(const float* code, uint8_t* count, float* mid) {
   uint32_t cells[255];
   for (int i = 0; i < 255; ++i) {
-    if (!(code[i] < code[i + 1]) || code[i] < -1.0f || code[i + 1] > 1.0f) return false;
-    mid[i] = map_midpoint(code, i);
-    if (!(code[i] < mid[i] && mid[i] < code[i + 1])) return false;
+    mid[i] = map_midpoint_checked(code, i);
+    if (mid[i] != mid[i]) return false;
     cells[i] = map_cell(mid[i]);
     if (i > 0 && cells[i] <= cells[i - 1]) return false;
   }
   mid[255] = __builtin_nanf("");
-  int k = 0;
-  for (int o = 0; o < kMapCells; ++o) {
-    while (k < 255 && cells[k] < static_cast<uint32_t>(o)) ++k;
-    count[o] = static_cast<uint8_t>(k);
-  }
+  for (int o = 0; o < kMapCells; ++o) count[o] = map_cell_count(cells, static_cast<uint32_t>(o));
   return true;
 }
 

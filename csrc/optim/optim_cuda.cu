@@ -99,7 +99,7 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   at::Tensor table;
   const uint8_t* table_ptr = nullptr;
   if (any_eight_bit) {
-    table = at::zeros({cuda::kTableBytes}, plan.code1.options().dtype(at::kByte));
+    table = at::empty({cuda::kTableBytes}, plan.code1.options().dtype(at::kByte));
     cuda::build_map_cells_kernel<<<2, 1024, 0, stream>>>(args.code1, args.code2, table.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     table_ptr = table.const_data_ptr<uint8_t>();

@@ -51,95 +51,40 @@ struct AdamArgs {
 // and one float lookup per element instead of a binary search). A small
 // kernel builds them for the maps of this call into a scratch buffer; each
 // block of the update kernel copies them into shared memory. A map the
-// tables cannot serve (not strictly ascending, two midpoints in a cell)
-// clears the buffer's flag and the update kernel falls back to the search.
+// tables cannot serve (see core::build_map_cells) leaves its flag at 0 and
+// the update kernel falls back to the search.
 constexpr int kCellBytes = (core::kMapCells + 15) / 16 * 16;
 constexpr int kTableMidOffset = 2 * kCellBytes;                  // mid1, mid2: 256 floats each
-constexpr int kTableFlagOffset = kTableMidOffset + 2 * 256 * 4;  // int32: 1 = both maps served
+constexpr int kTableFlagOffset = kTableMidOffset + 2 * 256 * 4;  // int32 per map: 1 = served by the table
 constexpr int kTableBytes = kTableFlagOffset + 16;
 
+// One block per map; every entry of the buffer is written, so it needs no clearing.
 __global__ void __launch_bounds__(1024) build_map_cells_kernel(const float* __restrict__ code1,
                                                                const float* __restrict__ code2,
                                                                uint8_t* __restrict__ table) {
   __shared__ float code[256];
   __shared__ uint32_t cells[256];
-  __shared__ int bad;
   const int map = blockIdx.x;
   const float* src = map == 0 ? code1 : code2;
   float* mid = reinterpret_cast<float*>(table + kTableMidOffset) + 256 * map;
   uint8_t* count = table + kCellBytes * map;
   const int i = threadIdx.x;
-  if (i == 0) bad = 0;
   if (i < 256) code[i] = src[i];
   __syncthreads();
+  bool ok = true;
   if (i < 255) {
-    const float m = core::map_midpoint(code, i);
-    const bool ok = code[i] >= -1.0f && code[i + 1] <= 1.0f && code[i] < m && m < code[i + 1];
-    if (!ok) atomicOr(&bad, 1);
+    const float m = core::map_midpoint_checked(code, i);
+    ok = m == m;
     mid[i] = m;
     cells[i] = core::map_cell(ok ? m : 0.0f);
   } else if (i == 255) {
-    mid[255] = __int_as_float(0x7FC00000);  // NaN: no value lies above it
+    mid[255] = __uint_as_float(0x7FC00000u);  // NaN: no value lies above it
   }
   __syncthreads();
-  if (i > 0 && i < 255 && cells[i] <= cells[i - 1]) atomicOr(&bad, 1);
-  __syncthreads();
-  for (int o = i; o < core::kMapCells; o += blockDim.x) {
-    // Midpoints in cells before o: a lower bound over the ascending cells.
-    int lo = 0, len = 255;
-    while (len > 0) {
-      const int half = len >> 1;
-      if (cells[lo + half] < static_cast<uint32_t>(o)) {
-        lo += half + 1;
-        len -= half + 1;
-      } else {
-        len = half;
-      }
-    }
-    count[o] = static_cast<uint8_t>(lo);
-  }
-  // Block 0 owns the flag; block 1 can only clear it.
-  if (i == 0) {
-    int* flag = reinterpret_cast<int*>(table + kTableFlagOffset);
-    if (map == 0) atomicOr(flag, bad ? 2 : 1);
-    else if (bad) atomicOr(flag, 2);
-  }
-}
-
-// Four consecutive elements (base a multiple of 4) as floats; past n read as 0.
-template <typename T>
-__device__ __forceinline__ void load4(const T* __restrict__ x, int64_t base, int64_t n, bool vec, float v[4]) {
-  if (vec && base + 4 <= n) {
-    if constexpr (sizeof(T) == 4) {
-      const float4 a = *reinterpret_cast<const float4*>(x + base);
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-    } else {
-      const uint2 r = *reinterpret_cast<const uint2*>(x + base);
-      unpack2<T>(r.x, v[0], v[1]);
-      unpack2<T>(r.y, v[2], v[3]);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = (base + j < n) ? to_float(x[base + j]) : 0.0f;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store4(T* __restrict__ out, int64_t base, int64_t n, bool vec, const float v[4]) {
-  if (vec && base + 4 <= n) {
-    if constexpr (sizeof(T) == 4) {
-      *reinterpret_cast<float4*>(out + base) = make_float4(v[0], v[1], v[2], v[3]);
-    } else {
-      uint2 w;
-      w.x = static_cast<uint32_t>(from_float<T>(v[0]).x) | (static_cast<uint32_t>(from_float<T>(v[1]).x) << 16);
-      w.y = static_cast<uint32_t>(from_float<T>(v[2]).x) | (static_cast<uint32_t>(from_float<T>(v[3]).x) << 16);
-      *reinterpret_cast<uint2*>(out + base) = w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (base + j < n) out[base + j] = from_float<T>(v[j]);
-  }
+  if (i > 0 && i < 255 && cells[i] <= cells[i - 1]) ok = false;
+  const bool all_ok = __syncthreads_and(ok);
+  for (int o = i; o < core::kMapCells; o += blockDim.x) count[o] = core::map_cell_count(cells, o);
+  if (i == 0) reinterpret_cast<int*>(table + kTableFlagOffset)[map] = all_ok ? 1 : 0;
 }
 
 __device__ __forceinline__ uint32_t load4_u8(const uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec) {
@@ -190,8 +135,8 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     base[h] = block_start + h * 128 + lane * 4;
-    load4(p, base[h], n, FULL || vec_p, pv[h]);
-    load4(g, base[h], n, FULL || vec_p, gv[h]);
+    load_n<4>(p, base[h], n, FULL || vec_p, pv[h]);
+    load_n<4>(g, base[h], n, FULL || vec_p, gv[h]);
     w1[h] = load4_u8(q1, base[h], n, FULL || vec_s);
     w2[h] = load4_u8(q2, base[h], n, FULL || vec_s);
   }
@@ -234,7 +179,7 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
       c2 |= encode_state<CELLS>(sm, false, __fmul_rn(vv[h][j], inv2)) << (8 * j);
     }
     // A skipped (non-finite gradient) element stores its unchanged value back.
-    store4(p, base[h], n, FULL || vec_p, pv[h]);
+    store_n<4>(p, base[h], n, FULL || vec_p, pv[h]);
     store4_u8(q1, base[h], n, FULL || vec_s, c1);
     store4_u8(q2, base[h], n, FULL || vec_s, c2);
   }
@@ -275,7 +220,8 @@ __global__ void __launch_bounds__(kAdamThreads, 4)
     return;
   }
 
-  const bool cells = *reinterpret_cast<const int*>(table + kTableFlagOffset) == 1;
+  const int* flags_ok = reinterpret_cast<const int*>(table + kTableFlagOffset);
+  const bool cells = flags_ok[0] == 1 && flags_ok[1] == 1;
   {
     const uint4* src = reinterpret_cast<const uint4*>(table);
     uint4* dst = reinterpret_cast<uint4*>(&sm);

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_small_kernel(const T* __res
   const int64_t first = (tid / 32) * (32 * kQuantChunks) + (tid % 32);
   float v[kQuantChunks][8];
 #pragma unroll
-  for (int j = 0; j < kQuantChunks; ++j) load8(x, (first + 32 * j) * 8, n, vec, v[j]);
+  for (int j = 0; j < kQuantChunks; ++j) load_n<8>(x, (first + 32 * j) * 8, n, vec, v[j]);
   const int64_t nbytes = (n + 1) / 2;
 #pragma unroll
   for (int j = 0; j < kQuantChunks; ++j) {
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
   float m = 0.0f;
   float v[8];
   for (int c = 0; c < CHUNKS; ++c) {
-    load8(x, start + (c * 32 + lane) * 8, n, vec, v);
+    load_n<8>(x, start + (c * 32 + lane) * 8, n, vec, v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) m = core::absmax_combine(m, core::absmax_term(v[j]));
   }
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t base = start + (c * 32 + lane) * 8;
     if (base >= n) break;
-    load8(x, base, n, vec, v);
+    load_n<8>(x, base, n, vec, v);
     store_packed4(packed, base, nbytes, encode8<QT>(enc, v, inv));
   }
 }
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel(const uint8_t* __r
         v[k] = cb[(i & 1) ? (byte & 0xF) : (byte >> 4)] * scale;
       }
     }
-    store8(out, base, n, vec_out, v);
+    store_n<8>(out, base, n, vec_out, v);
   }
 }
 
