@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(1024) build_map_cells_kernel(const float* __re
   __syncthreads();
   if (i > 0 && i < 255 && cells[i] <= cells[i - 1]) ok = false;
   const bool all_ok = __syncthreads_and(ok);
-  for (int o = i; o < core::kMapCells; o += blockDim.x) count[o] = core::map_cell_count(cells, o);
+  // Through the padding too (entries no cell reaches): the update kernel copies whole 16-byte words.
+  for (int o = i; o < kCellBytes; o += blockDim.x) count[o] = core::map_cell_count(cells, o);
   if (i == 0) reinterpret_cast<int*>(table + kTableFlagOffset)[map] = all_ok ? 1 : 0;
 }
 
