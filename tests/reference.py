@@ -38,8 +38,12 @@ def blocks_absmax(x: torch.Tensor, blocksize: int):
 
 def scaled(x, blocksize):
     padded, am = blocks_absmax(x, blocksize)
-    inv = torch.where(am > 0, 1.0 / am, torch.zeros_like(am))
-    return (padded.view(-1, blocksize) * inv[:, None]).reshape(-1), am
+    # A block with absmax below 2^-64 is scaled up by 2^64 first, so the
+    # reciprocal of a subnormal absmax does not overflow (SPEC 2's nearest
+    # code for every block); for all others the 2^0 factor changes nothing.
+    pre = torch.where(am < 2.0**-64, torch.full_like(am, 2.0**64), torch.ones_like(am))
+    inv = torch.where(am > 0, 1.0 / (am * pre), torch.zeros_like(am))
+    return ((padded.view(-1, blocksize) * pre[:, None]) * inv[:, None]).reshape(-1), am
 
 
 def encode_nf4(s):

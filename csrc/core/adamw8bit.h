@@ -161,10 +161,10 @@ void adamw8bit_block(const AdamWScalars& s, const float* code1, const float* cod
   const float new1 = absmax_finish(max1), new2 = absmax_finish(max2);
   *absmax1 = new1;
   *absmax2 = new2;
-  const float inv1 = inverse_scale(new1), inv2 = inverse_scale(new2);
+  const InverseScale inv1 = inverse_scale(new1), inv2 = inverse_scale(new2);
   for (int i = 0; i < count; ++i) {
-    q1[i] = encode_8bit(code1, fmul(m[i], inv1));
-    q2[i] = encode_8bit(code2, fmul(v[i], inv2));
+    q1[i] = encode_8bit(code1, inv1(m[i]));
+    q2[i] = encode_8bit(code2, inv2(v[i]));
   }
 }
 

@@ -28,12 +28,12 @@ void quantize_4bit_blocks(QuantType qt, const T* x, int64_t n, int64_t blocksize
     const int64_t count = (n - start) < blocksize ? (n - start) : blocksize;
     const float am = block_absmax(x + start, count);
     absmax[b] = am;
-    const float inv = inverse_scale(am);
+    const InverseScale inv = inverse_scale(am);
     const Encoder4 enc = host_encoder(qt);
     // blocksize is even, so a block starts on a byte boundary.
     for (int64_t i = 0; i < count; i += 2) {
-      const uint8_t hi = encode_4bit(qt, enc, static_cast<float>(x[start + i]) * inv);
-      const uint8_t lo = (i + 1 < count) ? encode_4bit(qt, enc, static_cast<float>(x[start + i + 1]) * inv)
+      const uint8_t hi = encode_4bit(qt, enc, inv(static_cast<float>(x[start + i])));
+      const uint8_t lo = (i + 1 < count) ? encode_4bit(qt, enc, inv(static_cast<float>(x[start + i + 1])))
                                          : zero_code(qt);
       packed[(start + i) / 2] = static_cast<uint8_t>((hi << 4) | lo);
     }
@@ -84,8 +84,8 @@ void quantize_8bit_blocks(const float* code, const T* x, int64_t n, int64_t bloc
     const int64_t count = (n - start) < blocksize ? (n - start) : blocksize;
     const float am = block_absmax(x + start, count);
     absmax[b] = am;
-    const float inv = inverse_scale(am);
-    for (int64_t i = 0; i < count; ++i) out[start + i] = encode_8bit(code, static_cast<float>(x[start + i]) * inv);
+    const InverseScale inv = inverse_scale(am);
+    for (int64_t i = 0; i < count; ++i) out[start + i] = encode_8bit(code, inv(static_cast<float>(x[start + i])));
   }
 }
 

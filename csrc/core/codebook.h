@@ -198,11 +198,24 @@ LOWBIT_HD uint8_t encode_4bit(QuantType qt, const Encoder4& e, float s) {
   return qt == QuantType::NF4 ? encode_nf4_fast(e.code, e.thr, s) : encode_fp4_fast(e.code, e.thr, s);
 }
 
-// Scale factor applied to a block: the reciprocal of its absmax (a multiply,
-// as bnb does, not a divide). An all-zero block (absmax 0) scales by 0 so every
-// element encodes as 0.0; a NaN absmax (a block holding a non-finite value)
-// also scales by 0: its codes are meaningless and the NaN absmax flags it.
-LOWBIT_HD float inverse_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+// The factor a block's values are scaled by before encoding: v * (1/absmax),
+// a multiply by the reciprocal as bnb does (not a divide). An all-zero block
+// (absmax 0) scales by 0 so every element encodes as 0.0; a NaN absmax (a
+// block holding a non-finite value) also scales by 0: its codes are
+// meaningless and the NaN absmax flags it. A block whose absmax is below
+// 2^-64 is first scaled up by 2^64 (exact for these magnitudes): its
+// reciprocal would otherwise overflow (absmax < 1/FLT_MAX, a subnormal) or
+// lose bits. For every other block `pre` is 1 and the result is bit for bit
+// v * (1/absmax).
+struct InverseScale {
+  float pre, inv;
+  LOWBIT_HD float operator()(float v) const { return (v * pre) * inv; }
+};
+LOWBIT_HD InverseScale inverse_scale(float absmax) {
+  if (!(absmax > 0.0f)) return InverseScale{1.0f, 0.0f};
+  if (absmax < 0x1p-64f) return InverseScale{0x1p64f, 1.0f / (absmax * 0x1p64f)};
+  return InverseScale{1.0f, 1.0f / absmax};
+}
 
 LOWBIT_HD bool is_finite(float v) {
 #if defined(__CUDA_ARCH__)

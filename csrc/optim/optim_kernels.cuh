@@ -170,14 +170,14 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
     a1[qblock] = new1;
     a2[qblock] = new2;
   }
-  const float inv1 = core::inverse_scale(new1), inv2 = core::inverse_scale(new2);
+  const core::InverseScale inv1 = core::inverse_scale(new1), inv2 = core::inverse_scale(new2);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     uint32_t c1 = 0, c2 = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      c1 |= encode_state<CELLS>(sm, true, __fmul_rn(mv[h][j], inv1)) << (8 * j);
-      c2 |= encode_state<CELLS>(sm, false, __fmul_rn(vv[h][j], inv2)) << (8 * j);
+      c1 |= encode_state<CELLS>(sm, true, inv1(mv[h][j])) << (8 * j);
+      c2 |= encode_state<CELLS>(sm, false, inv2(vv[h][j])) << (8 * j);
     }
     // A skipped (non-finite gradient) element stores its unchanged value back.
     store_n<4>(p, base[h], n, FULL || vec_p, pv[h]);

@@ -37,12 +37,13 @@ struct SharedEncoder {
 
 // Packs the codes of 8 scaled values: element 2j in the high nibble of byte j.
 template <QuantType QT>
-__device__ __forceinline__ uint32_t encode8(const core::Encoder4& enc, const float v[8], float inv) {
+__device__ __forceinline__ uint32_t encode8(const core::Encoder4& enc, const float v[8],
+                                             const core::InverseScale& inv) {
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t hi = core::encode_4bit(QT, enc, v[2 * j] * inv);
-    const uint32_t lo = core::encode_4bit(QT, enc, v[2 * j + 1] * inv);
+    const uint32_t hi = core::encode_4bit(QT, enc, inv(v[2 * j]));
+    const uint32_t lo = core::encode_4bit(QT, enc, inv(v[2 * j + 1]));
     word |= ((hi << 4) | lo) << (8 * j);
   }
   return word;
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(256) quantize_4bit_large_kernel(const T* __res
   for (int off = 16; off > 0; off >>= 1) m = core::absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, off));
   const float am = core::absmax_finish(m);
   if (lane == 0) absmax[block] = am;
-  const float inv = core::inverse_scale(am);
+  const core::InverseScale inv = core::inverse_scale(am);
   const int64_t nbytes = (n + 1) / 2;
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t base = start + (c * 32 + lane) * 8;
@@ -228,8 +229,8 @@ __global__ void __launch_bounds__(256) quantize_8bit_kernel(const T* __restrict_
   for (int off = 16; off > 0; off >>= 1) m = core::absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, off));
   const float am = core::absmax_finish(m);
   if (lane == 0) absmax[block] = am;
-  const float inv = core::inverse_scale(am);
-  for (int64_t i = start + lane; i < end; i += 32) out[i] = core::encode_8bit(cb, to_float(x[i]) * inv);
+  const core::InverseScale inv = core::inverse_scale(am);
+  for (int64_t i = start + lane; i < end; i += 32) out[i] = core::encode_8bit(cb, inv(to_float(x[i])));
 }
 
 template <typename OutT>

@@ -245,3 +245,20 @@ TEST_CASE("fast encoders give code 0 for every NaN bit pattern") {
     REQUIRE(encode_4bit(QuantType::FP4, fp4, f) == 0);
   }
 }
+
+TEST_CASE("inverse_scale: a tiny absmax is scaled up first, every other one is 1/absmax exactly") {
+  for (float am : {1.0f, 0.5f, 1.0e-19f, 123.0f, 3.0e38f}) {
+    const InverseScale s = inverse_scale(am);
+    for (float v : {am, -am * 0.3f, 0.0f}) REQUIRE(s(v) == v * (1.0f / am));
+  }
+  REQUIRE(inverse_scale(1e-45f)(1e-45f) == 1.0f);  // the smallest subnormal
+  for (float am : {1e-39f, 2.9e-39f, 1e-30f, 3.0e-20f}) {
+    const InverseScale s = inverse_scale(am);
+    REQUIRE(std::isfinite(s.inv));
+    REQUIRE(s(0.0f) == 0.0f);
+    REQUIRE(std::fabs(s(am) - 1.0f) <= 1e-6f);
+    REQUIRE(std::fabs(s(-am * 0.5f) + 0.5f) <= 1e-6f);
+  }
+  REQUIRE(inverse_scale(0.0f)(5.0f) == 0.0f);
+  REQUIRE(inverse_scale(std::numeric_limits<float>::quiet_NaN())(5.0f) == 0.0f);
+}
