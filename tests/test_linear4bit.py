@@ -83,6 +83,60 @@ def test_dropout_only_in_training():
     assert not torch.equal(q(x), q(x))
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_training_node_matches_float64_with_its_dropout_mask(device, compute_dtype, p):
+    """Training calls go through one autograd node (base, bias, LoRA and dropout
+    together); its output and every gradient equal a float64 autograd reference
+    built with the same dropout mask (drawn again from the same seed)."""
+    torch.manual_seed(11)
+    q = Linear4bit.from_linear(make_linear(k=96, n=80, device=device), r=4, lora_alpha=12, lora_dropout=p,
+                               compute_dtype=compute_dtype)
+    with torch.no_grad():
+        q.lora_B.normal_()
+    q.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 96, device=device, requires_grad=True)
+    g = torch.randn(2, 5, 80, device=device)
+    torch.manual_seed(12)
+    out = q(x)
+    node, names = out.grad_fn, []  # the output's view and cast, then the layer's one node
+    while node is not None and len(names) < 3:
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0]
+    assert "Lora4bitFunctionBackward" in names, names
+    out.backward(g)
+    torch.manual_seed(12)  # the forward's first random draw is the dropout mask
+    xc = x.detach().to(compute_dtype).reshape(-1, 96)
+    mask = torch.native_dropout(xc, p, True)[1].double() / (1 - p) if p > 0 else torch.ones_like(xc).double()
+    w = F.dequantize_4bit(q.weight, q.quant_state, torch.float32).double()
+    A = q.lora_A.detach().double().requires_grad_(True)
+    B = q.lora_B.detach().double().requires_grad_(True)
+    b = q.bias.detach().double().requires_grad_(True)
+    xr = x.detach().double().reshape(-1, 96).requires_grad_(True)
+    ref = xr @ w.t() + b + q.scaling * ((xr * mask) @ A.t()) @ B.t()
+    ref.backward(g.double().reshape(-1, 80))
+    tol = 1e-4 if compute_dtype == torch.float32 else 3e-2
+    def close(got, want):
+        return ((got.double().reshape(want.shape) - want).norm() / want.norm()).item() < tol
+    assert close(out, ref)
+    for leaf, want in ((x, xr.grad), (q.lora_A, A.grad), (q.lora_B, B.grad), (q.bias, b.grad)):
+        assert leaf.grad.dtype == leaf.dtype
+        assert close(leaf.grad, want)
+
+
+def test_training_and_inference_paths_agree():
+    """The fused training node and the no-grad path compute the same output."""
+    q = Linear4bit.from_linear(make_linear(), r=4, compute_dtype=torch.float32)
+    with torch.no_grad():
+        q.lora_B.normal_()
+    x = torch.randn(7, 96)
+    train_out = q(x)
+    assert train_out.grad_fn is not None
+    with torch.no_grad():
+        assert torch.allclose(q(x), train_out, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing(use_reentrant):
     q = Linear4bit.from_linear(make_linear(), r=4, compute_dtype=torch.float32)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as TF
 
 from .. import functional as F
+from ._lora_fn import lora_4bit
 from .packed_weight import Packed4bitWeight, is_sharded, packed_local
 
 _STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -187,8 +188,15 @@ class Linear4bit(nn.Module):
         in_dtype = x.dtype
         lead = x.shape[:-1]
         xc = x.to(self.compute_dtype).reshape(-1, self.in_features)
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
         packed, state = self._weight_and_state()
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Training (eager): one autograd node for the whole layer call.
+            p = self.lora_dropout.p if self.lora_dropout is not None and self.training else 0.0
+            out = lora_4bit(xc.contiguous(), self.lora_A, self.lora_B, self.bias, packed, state,
+                            self.scaling if self.lora_A is not None else 1.0, p)
+            out = out.view(*lead, self.out_features)
+            return out.to(in_dtype) if in_dtype != self.compute_dtype else out
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
         out = F.matmul_4bit(xc, packed, state, bias)
         if self.lora_A is not None:
             h = self.lora_dropout(xc) if self.lora_dropout is not None and self.training else xc
