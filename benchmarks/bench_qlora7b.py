@@ -17,14 +17,17 @@ Per configuration (batch x seq, --configs): the weight memory, peak allocated
 and reserved (torch.cuda.max_memory_*, reset per configuration), the median step
 time and tokens/s, and for lowbit the estimate of lowbit.plan_memory beside the
 measured peak with its error. An out-of-memory configuration is reported as OOM.
+--options runs the lowbit rows with lowbit's memory-lean options too: `ce`
+(lowbit.nn.causal_lm_loss: the loss in chunks, never the full fp32 logits) and
+`ce+offload` (and lowbit.nn.offload_activations: the checkpointed layer inputs
+in pinned host memory), so their cost in tokens/s stands beside the plain rows.
 --max-seq searches the longest sequence that trains at batch 1 under a 24 GiB
-cap (torch.cuda.set_per_process_memory_fraction), plain and with the
-memory-lean options (lowbit.nn.causal_lm_loss's chunked loss and
-lowbit.nn.offload_activations). The paged optimizer's managed memory is
-outside that cap (a few tens of MiB here).
+cap (torch.cuda.set_per_process_memory_fraction) with each option set of
+--max-seq-options. The paged optimizer's managed memory is outside that cap (a
+few tens of MiB here).
 
     python benchmarks/bench_qlora7b.py --impl lowbit,bnb,bf16 --json out.json
-    python benchmarks/bench_qlora7b.py --impl lowbit --max-seq
+    python benchmarks/bench_qlora7b.py --impl lowbit --options plain,ce,ce+offload --max-seq
     python benchmarks/bench_qlora7b.py --tiny --impl lowbit --steps 2   # CPU smoke test
 """
 import argparse
@@ -136,11 +139,16 @@ def build(impl, shape, device):
     return model, opt
 
 
-def train_step(model, opt, ids, lean):
-    if lean:
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+OPTIONS = ("plain", "ce", "ce+offload")  # memory-lean options: chunked cross-entropy, checkpoints in host memory
+
+
+def train_step(model, opt, ids, opts="plain"):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "offload" in opts:
         with lowbit.nn.offload_activations():
             loss = lowbit.nn.causal_lm_loss(lm, ids)
+    elif "ce" in opts:
+        loss = lowbit.nn.causal_lm_loss(lm, ids)
     else:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -168,7 +176,7 @@ def _is_oom(e):
         k in msg for k in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "managed memory"))
 
 
-def run_config(model, opt, device, vocab, batch, seq, steps, warmup, lean=False):
+def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain"):
     """Median step time and the memory peaks of `steps` timed steps; None on OOM."""
     _clean(device)
     if device.type == "cuda":
@@ -181,7 +189,7 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, lean=False)
             ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
             _sync(device)
             t0 = time.perf_counter()
-            loss = train_step(model, opt, ids, lean)
+            loss = train_step(model, opt, ids, opts)
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -202,18 +210,18 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, lean=False)
     return out
 
 
-def planned(shape, batch, seq, lean, impl):
+def planned(shape, batch, seq, opts, impl):
     if impl != "lowbit":
         return None
     return lowbit.plan_memory(dict(shape), batch_size=batch, seq_len=seq, lora_r=LORA["r"],
-                              lora_dropout=LORA["dropout"], lora_targets=TARGETS, chunked_ce=lean,
-                              offload_checkpoints=lean)
+                              lora_dropout=LORA["dropout"], lora_targets=TARGETS, chunked_ce="ce" in opts,
+                              offload_checkpoints="offload" in opts)
 
 
-def search_max_seq(model, opt, device, vocab, lean, granularity, hi_limit):
+def search_max_seq(model, opt, device, vocab, opts, granularity, hi_limit):
     """Longest batch-1 sequence (a multiple of `granularity`) that trains under the cap."""
     def ok(n):
-        return run_config(model, opt, device, vocab, 1, n, steps=1, warmup=1, lean=lean) is not None
+        return run_config(model, opt, device, vocab, 1, n, steps=1, warmup=1, opts=opts) is not None
 
     lo, n = 0, granularity * 4
     while n <= hi_limit and ok(n):
@@ -248,28 +256,30 @@ def worker(args):
         print(RESULT + json.dumps(d), flush=True)
 
     emit(dict(kind="build", impl=args.impl, build_s=build_s, weights=weights))
-    for cfg in args.configs.split(","):
-        b, s = (int(v) for v in cfg.lower().split("x"))
-        res = run_config(model, opt, device, shape["vocab_size"], b, s, args.steps, args.warmup)
-        plan = planned(shape, b, s, False, args.impl)
-        row = dict(kind="config", impl=args.impl, config=cfg, batch=b, seq=s, oom=res is None, weights=weights,
-                   planned_peak=plan.peak_allocated if plan else None,
-                   planned_reserved=plan.reserved if plan else None)
-        row.update(res or {})
-        emit(row)
+    for opts in args.options.split(","):
+        for cfg in args.configs.split(","):
+            b, s = (int(v) for v in cfg.lower().split("x"))
+            res = run_config(model, opt, device, shape["vocab_size"], b, s, args.steps, args.warmup, opts)
+            plan = planned(shape, b, s, opts, args.impl)
+            row = dict(kind="config", impl=args.impl, options=opts, config=cfg, batch=b, seq=s, oom=res is None,
+                       weights=weights, planned_peak=plan.peak_allocated if plan else None,
+                       planned_reserved=plan.reserved if plan else None)
+            row.update(res or {})
+            emit(row)
     if args.max_seq and cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         _clean(device)
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total), device)
         gran = 16 if args.tiny else 256
         limit = 4096 if args.tiny else 131072
-        for lean in (False, True):
-            n = search_max_seq(model, opt, device, shape["vocab_size"], lean, gran, limit)
+        for opts in args.max_seq_options.split(","):
+            n = search_max_seq(model, opt, device, shape["vocab_size"], opts, gran, limit)
             plan_n = None
             if args.impl == "lowbit":
                 plan_n = lowbit.max_seq_len(dict(shape), CAP_GIB, 1, lora_r=LORA["r"], lora_dropout=LORA["dropout"],
-                                            chunked_ce=lean, offload_checkpoints=lean, cuda_context_bytes=0)
-            emit(dict(kind="max_seq", impl=args.impl, lean=lean, max_seq=n, planned_max_seq=plan_n,
+                                            chunked_ce="ce" in opts, offload_checkpoints="offload" in opts,
+                                            cuda_context_bytes=0)
+            emit(dict(kind="max_seq", impl=args.impl, options=opts, max_seq=n, planned_max_seq=plan_n,
                       cap_gib=CAP_GIB))
 
 
@@ -285,7 +295,8 @@ def drive(args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--configs", args.configs,
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--tiny"] if args.tiny else []
-        cmd += ["--max-seq"] if args.max_seq else []
+        cmd += ["--max-seq", "--max-seq-options", args.max_seq_options] if args.max_seq else []
+        cmd += ["--options", args.options if impl == "lowbit" else "plain"]
         print(f"# {impl}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         got = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -293,17 +304,18 @@ def drive(args):
             {"build": builds, "config": rows, "max_seq": maxseq}[d.pop("kind")].append(d)
         if proc.returncode != 0:
             rows.append(dict(impl=impl, config="-", error=f"worker exited with status {proc.returncode}"))
-    cols = ["impl", "config", "weights GiB", "peak alloc GiB", "planned GiB", "plan error", "reserved GiB",
+    cols = ["impl", "options", "config", "weights GiB", "peak alloc GiB", "planned GiB", "plan error", "reserved GiB",
             "step ms", "tokens/s"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         if r.get("error") or r.get("oom"):
-            cells = [r["impl"], r["config"], _gib(r.get("weights")), r.get("error") or "OOM"] + [""] * 5
+            cells = [r["impl"], r.get("options", ""), r["config"], _gib(r.get("weights")),
+                     r.get("error") or "OOM"] + [""] * 5
         else:
             peak, plan = r.get("peak_allocated"), r.get("planned_peak")
             err = f"{100 * (plan - peak) / peak:+.1f}%" if peak and plan else ""
-            cells = [r["impl"], r["config"], _gib(r.get("weights")), _gib(peak), _gib(plan), err,
+            cells = [r["impl"], r.get("options", "plain"), r["config"], _gib(r.get("weights")), _gib(peak), _gib(plan), err,
                      _gib(r.get("peak_reserved")), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     if maxseq:
@@ -311,8 +323,7 @@ def drive(args):
         print("| impl | options | longest seq | planned |")
         print("|---|---|---|---|")
         for r in maxseq:
-            opts = "chunked CE + offload" if r["lean"] else "plain"
-            print(f"| {r['impl']} | {opts} | {r['max_seq']} | {r['planned_max_seq'] or ''} |")
+            print(f"| {r['impl']} | {r['options']} | {r['max_seq']} | {r['planned_max_seq'] or ''} |")
     if args.json:
         meta = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, tiny=args.tiny)
         if torch.cuda.is_available():
@@ -332,6 +343,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the optimizer state appears here)")
     ap.add_argument("--max-seq", action="store_true", help=f"search the longest batch-1 seq under {CAP_GIB} GiB")
+    ap.add_argument("--options", default="plain",
+                    help="comma-separated memory-lean options for the lowbit rows: plain, ce (lowbit.nn.causal_lm_loss's "
+                         "chunked cross-entropy), ce+offload (and lowbit.nn.offload_activations)")
+    ap.add_argument("--max-seq-options", default=",".join(OPTIONS), help="options tried by --max-seq")
     ap.add_argument("--quick", action="store_true", help="1x512 and 1x2048 only, 3 steps after 1 warm-up")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama config (runs on the CPU without a GPU)")
     ap.add_argument("--json", help="write the results here")
@@ -340,6 +355,9 @@ def main(argv=None):
     for impl in args.impl.split(","):
         if impl not in ("lowbit", "bnb", "bf16"):
             ap.error(f"--impl: unknown implementation {impl!r} (lowbit, bnb, bf16)")
+    for o in args.options.split(",") + args.max_seq_options.split(","):
+        if o not in OPTIONS:
+            ap.error(f"--options: unknown option set {o!r} ({', '.join(OPTIONS)})")
     if args.quick:
         args.configs = args.configs or "1x512,1x2048"
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)

@@ -20,14 +20,15 @@ def test_bench_qlora7b_tiny(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_qlora7b.py"), "--tiny", "--impl",
-                        "lowbit", "--steps", "2", "--warmup", "1", "--json", str(out)],
+                        "lowbit", "--steps", "2", "--warmup", "1", "--options", "plain,ce+offload", "--json", str(out)],
                        capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| lowbit | 1x32 |" in r.stdout and "| lowbit | 2x64 |" in r.stdout
+    assert "| lowbit | plain | 1x32 |" in r.stdout and "| lowbit | ce+offload | 2x64 |" in r.stdout
     import json
 
     d = json.loads(out.read_text())
-    assert [row["config"] for row in d["rows"]] == ["1x32", "2x64"]
+    assert [(row["options"], row["config"]) for row in d["rows"]] == [
+        ("plain", "1x32"), ("plain", "2x64"), ("ce+offload", "1x32"), ("ce+offload", "2x64")]
     assert all(row["tokens_per_s"] > 0 and not row["oom"] for row in d["rows"])
     assert all(row["planned_peak"] > 0 for row in d["rows"])
 
