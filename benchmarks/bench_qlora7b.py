@@ -21,6 +21,8 @@ measured peak with its error. An out-of-memory configuration is reported as OOM.
 (lowbit.nn.causal_lm_loss: the loss in chunks, never the full fp32 logits) and
 `ce+offload` (and lowbit.nn.offload_activations: the checkpointed layer inputs
 in pinned host memory), so their cost in tokens/s stands beside the plain rows.
+--cuda-graph replays the lowbit step from a CUDA graph (lowbit.CUDAGraphStep),
+which removes the host's launch overhead that bounds short sequences.
 --max-seq searches the longest sequence that trains at batch 1 under a 24 GiB
 cap (torch.cuda.set_per_process_memory_fraction) with each option set of
 --max-seq-options. The paged optimizer's managed memory is outside that cap (a
@@ -176,7 +178,7 @@ def _is_oom(e):
         k in msg for k in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "managed memory"))
 
 
-def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain"):
+def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain", graph=False):
     """Median step time and the memory peaks of `steps` timed steps; None on OOM."""
     _clean(device)
     if device.type == "cuda":
@@ -184,12 +186,17 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain
     gen = torch.Generator(device="cpu").manual_seed(batch * 100003 + seq)
     times = []
     oom = False
+    step = lambda ids: train_step(model, opt, ids, opts)  # noqa: E731
+    if graph:
+        # One eager warm-up step, the capture in the second (both untimed).
+        step = lowbit.CUDAGraphStep(step, opt, warmup=1)
+        warmup = max(warmup, 2)
     try:
         for i in range(warmup + steps):
             ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
             _sync(device)
             t0 = time.perf_counter()
-            loss = train_step(model, opt, ids, opts)
+            loss = step(ids)
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -199,6 +206,7 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain
         if not _is_oom(e):
             raise
         oom = True
+    step = None  # a captured graph's memory pool goes with it
     if oom:
         opt.zero_grad(set_to_none=True)
         _clean(device)
@@ -256,12 +264,18 @@ def worker(args):
         print(RESULT + json.dumps(d), flush=True)
 
     emit(dict(kind="build", impl=args.impl, build_s=build_s, weights=weights))
+    if args.cap_gib and cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), torch.cuda.current_device())
     for opts in args.options.split(","):
         for cfg in args.configs.split(","):
             b, s = (int(v) for v in cfg.lower().split("x"))
-            res = run_config(model, opt, device, shape["vocab_size"], b, s, args.steps, args.warmup, opts)
+            graph = args.cuda_graph and cuda
+            if graph and "offload" in opts:
+                continue  # host-memory offload allocates pinned buffers per step: not capturable
+            res = run_config(model, opt, device, shape["vocab_size"], b, s, args.steps, args.warmup, opts, graph)
             plan = planned(shape, b, s, opts, args.impl)
-            row = dict(kind="config", impl=args.impl, options=opts, config=cfg, batch=b, seq=s, oom=res is None,
+            row = dict(kind="config", impl=args.impl, options=opts + ("+graph" if graph else ""), config=cfg, batch=b, seq=s, oom=res is None,
                        weights=weights, planned_peak=plan.peak_allocated if plan else None,
                        planned_reserved=plan.reserved if plan else None)
             row.update(res or {})
@@ -269,7 +283,7 @@ def worker(args):
     if args.max_seq and cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         _clean(device)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total), torch.cuda.current_device())
         gran = 16 if args.tiny else 256
         limit = 4096 if args.tiny else 131072
         for opts in args.max_seq_options.split(","):
@@ -297,6 +311,8 @@ def drive(args):
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--max-seq", "--max-seq-options", args.max_seq_options] if args.max_seq else []
         cmd += ["--options", args.options if impl == "lowbit" else "plain"]
+        cmd += ["--cap-gib", str(args.cap_gib)] if args.cap_gib else []
+        cmd += ["--cuda-graph"] if args.cuda_graph and impl == "lowbit" else []
         print(f"# {impl}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         got = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -346,6 +362,10 @@ def main(argv=None):
     ap.add_argument("--options", default="plain",
                     help="comma-separated memory-lean options for the lowbit rows: plain, ce (lowbit.nn.causal_lm_loss's "
                          "chunked cross-entropy), ce+offload (and lowbit.nn.offload_activations)")
+    ap.add_argument("--cap-gib", type=float, help="cap the configurations' GPU memory at this many GiB "
+                    "(torch.cuda.set_per_process_memory_fraction), e.g. 24 with --configs 1x32768")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="lowbit rows: each step captured once and replayed (lowbit.CUDAGraphStep); not with offload")
     ap.add_argument("--max-seq-options", default=",".join(OPTIONS), help="options tried by --max-seq")
     ap.add_argument("--quick", action="store_true", help="1x512 and 1x2048 only, 3 steps after 1 warm-up")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama config (runs on the CPU without a GPU)")

@@ -17,6 +17,7 @@ from .adapters import load_adapter, save_adapter
 from . import io
 from . import distributed
 from .io import load_pretrained_4bit, load_quantized, save_quantized
+from .graph_step import CUDAGraphStep
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "CUDAGraphStep",
     "Linear4bit",
     "MemoryPlan",
     "QuantState",

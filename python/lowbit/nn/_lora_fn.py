@@ -36,8 +36,12 @@ class Lora4bitFunction(torch.autograd.Function):
         blocksize, N, K, nested_blocksize = meta
         if bias is not None:
             bias = bias.to(x.dtype)
-        out = _lib.gemm_4bit(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset,
-                             nested_blocksize, bias)
+        # Straight to the CUDA/CPU kernel: this node is the autograd of the
+        # call, and the op's own (Python) autograd wrapper would cost more
+        # host time than the kernel launch.
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _lib.gemm_4bit(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset,
+                                 nested_blocksize, bias)
         mask = None
         if A is not None:
             a = A.to(x.dtype)
