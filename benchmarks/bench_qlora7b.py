@@ -188,9 +188,10 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain
     oom = False
     step = lambda ids: train_step(model, opt, ids, opts)  # noqa: E731
     if graph:
-        # One eager warm-up step, the capture in the second (both untimed).
-        step = lowbit.CUDAGraphStep(step, opt, warmup=1)
-        warmup = max(warmup, 2)
+        # Two eager warm-up steps (the second checked for host syncs), the
+        # capture in the third (all untimed).
+        step = lowbit.CUDAGraphStep(step, opt, warmup=2)
+        warmup = max(warmup, 3)
     try:
         for i in range(warmup + steps):
             ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)

@@ -99,11 +99,49 @@ def test_shape_change_and_capture_failure_are_clear():
             print("diverged")
         return loss
 
-    bad = CUDAGraphStep(syncing_step, opt, warmup=1)
+    # Caught in the last warm-up call, before any capture is attempted.
+    bad = CUDAGraphStep(syncing_step, opt, warmup=2)
     ids = torch.randint(0, 256, (2, 48), device="cuda")
     bad(ids)
-    with pytest.raises(RuntimeError, match=r"capturing the step failed.*must not synchronize"):
+    with pytest.raises(RuntimeError, match=r"step_fn waits for the GPU.*cannot be captured"):
         bad(ids)
+    assert not bad.captured
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
+
+
+_FAILING_CAPTURE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from lowbit import CUDAGraphStep
+w = torch.ones(4, device="cuda", requires_grad=True)
+def step(x):
+    loss = (w * x).sum()
+    if loss.item() > 1e9:
+        pass
+    return loss
+g = CUDAGraphStep(step, warmup=2, check_sync=False)
+x = torch.ones(4, device="cuda")
+g(x); g(x)
+try:
+    g(x)
+except RuntimeError as e:
+    print("RAISED", e)
+"""
+
+
+@cuda_only
+def test_failed_capture_message():
+    # In a child process: a failed capture leaves torch's CUDA generator in
+    # capture mode for the rest of the process.
+    import os
+    import subprocess
+    import sys
+
+    python_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
+    r = subprocess.run([sys.executable, "-c", _FAILING_CAPTURE, python_dir], capture_output=True, text=True,
+                       timeout=120)
+    assert "RAISED CUDAGraphStep: capturing the step failed" in r.stdout, r.stdout + r.stderr
+    assert "restart the process" in r.stdout
 
 
 def test_disabled_runs_eagerly_on_cpu():

@@ -63,10 +63,17 @@ class CUDAGraphStep:
             real training steps on the real inputs.
         enabled: False runs every call eagerly (the same code path without a
             GPU, or for debugging).
+        check_sync: run the last warm-up call (with warmup >= 2) under
+            torch.cuda.set_sync_debug_mode("error"), so that an operation that
+            waits for the GPU (and would break the capture) raises there, with
+            its own traceback, before any capture is attempted. A capture
+            that fails part-way leaves PyTorch's CUDA random generator in a
+            capturing state, so later random ops in the process fail; this
+            check catches the usual culprits first.
     """
 
     def __init__(self, step_fn: Callable[..., Optional[torch.Tensor]], optimizer: Optional[torch.optim.Optimizer] = None,
-                 *, warmup: int = 3, enabled: bool = True):
+                 *, warmup: int = 3, enabled: bool = True, check_sync: bool = True):
         if not callable(step_fn):
             raise TypeError(f"CUDAGraphStep: step_fn must be callable, got {type(step_fn).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
@@ -78,6 +85,7 @@ class CUDAGraphStep:
         self.optimizer = optimizer
         self.warmup = warmup
         self.enabled = bool(enabled)
+        self.check_sync = bool(check_sync)
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._static_in: list = []
@@ -116,7 +124,8 @@ class CUDAGraphStep:
             self.graph.replay()
             return self._detach(self._static_out, clone=True)
         if self.calls <= self.warmup:
-            return self._eager_on_side_stream(tensors)
+            check = self.check_sync and self.calls == self.warmup and self.warmup >= 2
+            return self._eager_on_side_stream(tensors, check)
         self._capture(tensors)
         self.graph.replay()
         return self._detach(self._static_out, clone=True)
@@ -134,16 +143,29 @@ class CUDAGraphStep:
             return out.clone() if clone else out
         return out
 
-    def _eager_on_side_stream(self, tensors):
+    def _eager_on_side_stream(self, tensors, check_sync=False):
         # Warm-up off the default stream, as capture requires of lazily
         # initialised libraries (cuBLAS workspaces, autograd's streams).
         if self._side is None:
             self._side = torch.cuda.Stream(device=tensors[0].device if tensors else None)
         cur = torch.cuda.current_stream()
         self._side.wait_stream(cur)
-        with torch.cuda.stream(self._side):
-            out = self.step_fn(*tensors)
-        cur.wait_stream(self._side)
+        mode = torch.cuda.get_sync_debug_mode()
+        try:
+            with torch.cuda.stream(self._side):
+                if check_sync:
+                    torch.cuda.set_sync_debug_mode("error")
+                out = self.step_fn(*tensors)
+        except RuntimeError as e:
+            if check_sync and "synchronizing" in str(e).lower():
+                raise RuntimeError(
+                    f"CUDAGraphStep: step_fn waits for the GPU ({e}); such an operation cannot be captured into a CUDA "
+                    "graph. Remove it from the step (.item(), .cpu(), printing a tensor, a blocking host-to-device "
+                    "copy, data-dependent Python branches), or pass check_sync=False if you are sure") from e
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+            cur.wait_stream(self._side)
         return self._detach(out)
 
     def _prepare_optimizer(self):
@@ -173,6 +195,8 @@ class CUDAGraphStep:
         except Exception as e:
             raise RuntimeError(
                 f"CUDAGraphStep: capturing the step failed ({type(e).__name__}: {e}). The step must not synchronize "
-                "with the host (.item(), .cpu(), printing a tensor, data-dependent Python branches) or change "
-                "shapes; run it eagerly with enabled=False to find the culprit") from e
+                "with the host (.item(), .cpu(), printing a tensor, data-dependent Python branches), allocate pinned "
+                "host memory or change shapes; run it eagerly with enabled=False to find the culprit. PyTorch's CUDA "
+                "random generator stays in capture mode after a failed capture: restart the process before "
+                "training on") from e
         self.graph = graph

@@ -107,10 +107,14 @@ def chunked_cross_entropy(
         raise ValueError(f"labels must be int64 (or int32), got {labels.dtype}")
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
-    bad = (y != ignore_index) & ((y < 0) | (y >= weight.shape[0]))
-    if bool(bad.any()):
-        v = int(y[bad][0])
-        raise ValueError(f"labels hold {v}, outside [0, {weight.shape[0]}) and not ignore_index={ignore_index}")
+    if not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Reading the check's result waits for the GPU: skipped inside a CUDA
+        # graph capture (lowbit.CUDAGraphStep), where the eager warm-up steps
+        # have checked the same code path.
+        bad = (y != ignore_index) & ((y < 0) | (y >= weight.shape[0]))
+        if bool(bad.any()):
+            v = int(y[bad][0])
+            raise ValueError(f"labels hold {v}, outside [0, {weight.shape[0]}) and not ignore_index={ignore_index}")
     w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
     return _ChunkedCrossEntropy.apply(h, w, y, chunk_size, ignore_index)
 
