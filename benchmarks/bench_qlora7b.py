@@ -21,7 +21,8 @@ measured peak with its error. An out-of-memory configuration is reported as OOM.
 (lowbit.nn.causal_lm_loss: the loss in chunks, never the full fp32 logits) and
 `ce+offload` (and lowbit.nn.offload_activations: the checkpointed layer inputs
 in pinned host memory), so their cost in tokens/s stands beside the plain rows.
---cuda-graph replays the lowbit step from a CUDA graph (lowbit.CUDAGraphStep),
+--fuse-norms computes the RMSNorms with torch's fused kernel
+(lowbit.nn.fuse_rms_norms). --cuda-graph replays the lowbit step from a CUDA graph (lowbit.CUDAGraphStep),
 which removes the host's launch overhead that bounds short sequences.
 --max-seq searches the longest sequence that trains at batch 1 under a 24 GiB
 cap (torch.cuda.set_per_process_memory_fraction) with each option set of
@@ -265,6 +266,8 @@ def worker(args):
         print(RESULT + json.dumps(d), flush=True)
 
     emit(dict(kind="build", impl=args.impl, build_s=build_s, weights=weights))
+    if args.fuse_norms:
+        lowbit.nn.fuse_rms_norms(model)
     if args.cap_gib and cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), torch.cuda.current_device())
@@ -276,7 +279,8 @@ def worker(args):
                 continue  # host-memory offload allocates pinned buffers per step: not capturable
             res = run_config(model, opt, device, shape["vocab_size"], b, s, args.steps, args.warmup, opts, graph)
             plan = planned(shape, b, s, opts, args.impl)
-            row = dict(kind="config", impl=args.impl, options=opts + ("+graph" if graph else ""), config=cfg, batch=b, seq=s, oom=res is None,
+            label = opts + ("+norms" if args.fuse_norms else "") + ("+graph" if graph else "")
+            row = dict(kind="config", impl=args.impl, options=label, config=cfg, batch=b, seq=s, oom=res is None,
                        weights=weights, planned_peak=plan.peak_allocated if plan else None,
                        planned_reserved=plan.reserved if plan else None)
             row.update(res or {})
@@ -314,6 +318,7 @@ def drive(args):
         cmd += ["--options", args.options if impl == "lowbit" else "plain"]
         cmd += ["--cap-gib", str(args.cap_gib)] if args.cap_gib else []
         cmd += ["--cuda-graph"] if args.cuda_graph and impl == "lowbit" else []
+        cmd += ["--fuse-norms"] if args.fuse_norms and impl == "lowbit" else []
         print(f"# {impl}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         got = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -365,6 +370,8 @@ def main(argv=None):
                          "chunked cross-entropy), ce+offload (and lowbit.nn.offload_activations)")
     ap.add_argument("--cap-gib", type=float, help="cap the configurations' GPU memory at this many GiB "
                     "(torch.cuda.set_per_process_memory_fraction), e.g. 24 with --configs 1x32768")
+    ap.add_argument("--fuse-norms", action="store_true",
+                    help="lowbit rows: RMSNorm through torch's fused rms_norm (lowbit.nn.fuse_rms_norms)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="lowbit rows: each step captured once and replayed (lowbit.CUDAGraphStep); not with offload")
     ap.add_argument("--max-seq-options", default=",".join(OPTIONS), help="options tried by --max-seq")
