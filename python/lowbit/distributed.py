@@ -197,7 +197,10 @@ def shard_model(
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
               mp_policy=mp_policy or MixedPrecisionPolicy())
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory lets the host-to-device copies of the shards run
+        # asynchronously; pinning needs a CUDA driver, and on a CPU mesh the
+        # "offloaded" shards are where they already were.
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     for unit in (list(units) if units is not None else _shard_units(model)):
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
