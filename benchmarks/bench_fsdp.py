@@ -572,7 +572,8 @@ def print_table(rows):
     for r in rows:
         impl = r["impl"] + (f" ({r['bnb_storage']} storage)" if r.get("bnb_storage") else "")
         print(f"| {impl} | {r['gpus']} | {'yes' if r['cpu_offload'] else 'no'} | {r.get('optimizer') or '-'} "
-              f"| {r['status']} | {fmt(r.get('tokens_per_s_total'), '.0f')} | {fmt(r.get('tokens_per_s_per_gpu'), '.0f')} "
+              f"| {r['status']} | {fmt(r.get('tokens_per_s_total'), '.0f')} "
+              f"| {fmt(r.get('tokens_per_s_per_gpu'), '.0f')} "
               f"| {fmt(r.get('peak_mem_gib_per_gpu'), '.2f')} | {fmt(r.get('host_rss_gib_per_rank'), '.2f')} "
               f"| {fmt(r.get('all_gather_gib_per_step_per_rank'), '.2f')} | {fmt(r.get('step_s'), '.2f')} |")
     for r in rows:

@@ -1,12 +1,14 @@
 """The benchmarks' CPU modes run end to end: the 7B QLoRA benchmark's --tiny
 mode, and the linear-layer benchmark's code path with tiny shapes (the
 lowbit and bf16+PEFT layers are built, timed and written out as on the GPU;
-bitsandbytes is timed on CUDA only, so its rows are skipped with a note)."""
+bitsandbytes is timed on CUDA only, so its rows are skipped with a note), and
+the FSDP2 benchmark's launcher: its CPU path and its verdicts on failed runs."""
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -100,8 +102,8 @@ def test_bench_fsdp_tiny_runs_plain_and_offloaded(tmp_path):
     the GPU run: each extra configuration costs ~10 s of interpreter start-up."""
     out = tmp_path / "fsdp"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_fsdp.py"), "--tiny", "--gpus", "1", "--impl", "lowbit",
-                        "--cpu-offload", "--steps", "1", "--warmup", "1", "--out", str(out),
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_fsdp.py"), "--tiny", "--gpus", "1",
+                        "--impl", "lowbit", "--cpu-offload", "--steps", "1", "--warmup", "1", "--out", str(out),
                         "--json", str(tmp_path / "s.json")], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
@@ -155,9 +157,14 @@ def test_bench_fsdp_timeout_kills_the_whole_process_group(tmp_path):
     rc, timed_out = bf.run_group([sys.executable, "-c", code], dict(os.environ), str(tmp_path / "log"), 3)
     assert timed_out
     child = int(pidfile.read_text())
-    try:
-        with open(f"/proc/{child}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        assert state in ("Z", "X"), f"the worker's child {child} survived the timeout (state {state})"
-    except FileNotFoundError:
-        pass
+    state = None
+    for _ in range(100):  # a killed process takes a moment to exit
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the worker's child {child} survived the timeout (state {state})")

@@ -113,7 +113,8 @@ def main():
         lowbit.distributed.shard_model(off, cpu_offload=True)
         off_losses = T.train_sharded(off, T.make_optimizer(off), rank, world, dev)
         flags = T._offload_flags(off)
-        check(flags and all(f == (True, "cpu") for f in flags.values()), f"offload: shards not all on the host: {flags}")
+        check(flags and all(f == (True, "cpu") for f in flags.values()),
+              f"offload: shards not all on the host: {flags}")
         unpinned = [n for n, p in off.named_parameters() if not p.to_local().is_pinned()]
         check(not unpinned, f"offload: shards not pinned: {unpinned}")
         off_diff = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(off_losses, losses))
