@@ -149,7 +149,7 @@ def _shard_units(model: nn.Module) -> List[nn.Module]:
 def shard_model(
     model: nn.Module,
     mesh=None,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: Optional[bool] = None,
     cpu_offload: bool = False,
     *,
     units: Optional[Iterable[nn.Module]] = None,
@@ -162,7 +162,11 @@ def shard_model(
     Each Linear4bit weight becomes a Packed4bitWeight (same bytes, cut into
     records aligned with the quantization and nested blocks), so every rank keeps
     about 1/world of the packed codes and of their scales, and a layer's weight is
-    all-gathered as uint8 just before it runs and freed after (reshard_after_forward).
+    all-gathered as uint8 just before it runs and freed after. reshard_after_forward
+    None (FSDP2's default) frees each unit's weights after its forward and gathers
+    them again for backward, but keeps the root's (embeddings, head, ...) from the
+    forward on, since backward needs them at once: one all-gather of them per step
+    instead of two. True or False applies to every unit and the root.
     LoRA adapters and biases are sharded the usual FSDP2 way (DTensor shards;
     lowbit.optim.AdamW8bit / PagedAdamW8bit step on the local shards).
 
