@@ -22,7 +22,8 @@ rank ever holds the whole model in bf16. Implementations (--impl):
           wraps each shard in nn.Parameter(requires_grad=True), which integer
           tensors refuse), so bf16 storage is the only one that runs; --bnb-storage
           uint8 shows the error. bitsandbytes' optimizers cannot step on FSDP2's
-          DTensor parameters (their ops have no DTensor sharding rule); when the
+          DTensor parameters (their ops get DTensors mixed with plain state
+          tensors, or have no DTensor sharding rule); when the
           first step raises that, the run goes on with torch.optim.AdamW and the
           row says so (--bnb-optim adamw starts with it). One GPU: no FSDP2, the
           plain bitsandbytes + PEFT QLoRA setup.
