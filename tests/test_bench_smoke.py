@@ -1,12 +1,14 @@
 """The benchmarks' CPU modes run end to end: the 7B QLoRA benchmark's --tiny
 mode, and the linear-layer benchmark's code path with tiny shapes (the
 lowbit and bf16+PEFT layers are built, timed and written out as on the GPU;
-bitsandbytes is timed on CUDA only, so its rows are skipped with a note)."""
+bitsandbytes is timed on CUDA only, so its rows are skipped with a note), and
+the FSDP2 benchmark's launcher: its CPU path and its verdicts on failed runs."""
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -90,3 +92,80 @@ def test_linear_layers_compute_the_same_function():
         y1, y2 = lowbit_layer(x).float(), peft_layer(x).float()
     # NF4 error of the base weight bounds the difference
     assert (y1 - y2).abs().max() <= 0.1 * y2.abs().max(), (y1 - y2).abs().max()
+
+
+# ---------------------------------------------------------------- bench_fsdp: the launcher and its verdicts
+
+def test_bench_fsdp_tiny_runs_plain_and_offloaded(tmp_path):
+    """The FSDP2 benchmark's CPU path (gloo, tiny shapes): one process plain and
+    one under fully_shard with CPUOffloadPolicy (the launcher, the worker, the
+    per-step records and the table). Two processes and bitsandbytes are left to
+    the GPU run: each extra configuration costs ~10 s of interpreter start-up."""
+    out = tmp_path / "fsdp"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_fsdp.py"), "--tiny", "--gpus", "1",
+                        "--impl", "lowbit", "--cpu-offload", "--steps", "1", "--warmup", "1", "--out", str(out),
+                        "--json", str(tmp_path / "s.json")], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(x["config"], x["status"]) for x in rows] == [("lowbit_w1", "ran"), ("lowbit_w1_offload", "ran")], rows
+    for x in rows:
+        assert x["steps_done"] == 2 and x["tokens_per_s_total"] > 0 and x["optimizer"] == "lowbit PagedAdamW8bit"
+    assert rows[0]["losses"] == rows[1]["losses"]  # offloading moves bytes, not values
+    assert "| lowbit | 1 | yes | lowbit PagedAdamW8bit | ran |" in r.stdout
+    for line in (out / "lowbit_w1_offload_rank0.steps.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        assert ev["event"] in ("built", "setup", "step") and ev.get("finite", True)
+
+
+def _steps(*finite):
+    return [{"event": "step", "step": i + 1, "finite": f} for i, f in enumerate(finite)]
+
+
+def test_bench_fsdp_verdicts():
+    bf = _load("bench_fsdp")
+    ok = [_steps(True, True, True)] * 2
+    assert bf.classify(0, False, ok, "", 60)[0] == "ran"
+    nan = [_steps(True, True, True), _steps(True, False, False)]
+    assert bf.classify(0, False, nan, "", 60)[:2] == ("NaN at step 2", 2)
+    err = [_steps(True) + [{"event": "error", "error": "RuntimeError: boom"}], _steps(True, True)]
+    assert bf.classify(1, False, err, "", 60)[0] == "crashed at step 1: RuntimeError: boom"
+    assert bf.classify(-9, True, [_steps(True, False), _steps(True)], "", 60)[0] == \
+        "timed out after 60 s (at step 1, NaN at step 2)"
+    # A rank killed by the driver writes no error event: the log names the cause.
+    log = "\n".join([
+        "[rank1]:[E1127 10:00:00.0 ProcessGroupNCCL.cpp:1] [PG 0 Rank 1] Process group watchdog thread terminated",
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "bench_fsdp.py", line 1, in <module>',
+        "[rank0]:     raise RuntimeError('x')",
+        "[rank0]: torch.AcceleratorError: CUDA error: an illegal memory access was encountered",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "  exitcode  : 1 (pid: 7)",
+    ])
+    status = bf.classify(1, False, [_steps(True), []], log, 60)[0]
+    assert status == "crashed at step 0: torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
+    assert bf.last_error_line("Fatal Python error\nSignal 11 (SIGSEGV) received by PID 12\n") == \
+        "Signal 11 (SIGSEGV) received by PID 12"
+
+
+def test_bench_fsdp_timeout_kills_the_whole_process_group(tmp_path):
+    bf = _load("bench_fsdp")
+    pidfile = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(120)\n")
+    rc, timed_out = bf.run_group([sys.executable, "-c", code], dict(os.environ), str(tmp_path / "log"), 3)
+    assert timed_out
+    child = int(pidfile.read_text())
+    state = None
+    for _ in range(100):  # a killed process takes a moment to exit
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the worker's child {child} survived the timeout (state {state})")

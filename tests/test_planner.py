@@ -1,5 +1,6 @@
 """lowbit.planner: byte counts against real converted models and optimizers,
 hand-computed cases, monotonicity, the command line and bad inputs."""
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from lowbit.optim import AdamW8bit, PagedAdamW8bit, state_bytes
 from lowbit.planner import linear4bit_bytes, max_seq_len, plan_memory
 
 TARGETS = planner.LLAMA_TARGETS
+GIB = 2**30
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False, max_position_embeddings=256)
 
@@ -127,6 +129,112 @@ def test_monotone_and_options_help():
     assert off.checkpoints < p.checkpoints and off.host_offload > 0
     assert plan_memory("llama2-7b", **base, optimizer="adamw").optimizer_state > 3 * p.optimizer_state
     assert plan_memory("llama2-7b", **base, lora_dropout=0.0).layer_recompute < p.layer_recompute
+
+
+# ---------------------------------------------------------------- FSDP2 sharding and CPU offload
+
+def _records(n_out, k_in, world):
+    """Rank 0's records of one 4-bit weight (blocksize 64, double quant: 16384 weights, 8452 bytes per record)."""
+    return -(-math.ceil(n_out * k_in / 16384) // world) * 8452
+
+
+def test_fsdp_shards_llama2_7b_by_hand():
+    H, I, L, V, r = 4096, 11008, 32, 32000, 16
+    p = plan_memory("llama2-7b", batch_size=1, seq_len=2048, world_size=2)
+    assert p.fsdp and p.world_size == 2 and not p.cpu_offload
+    # 4096x4096: 1024 records -> 512 on rank 0; 11008x4096: 2752 -> 1376.
+    assert _records(H, H, 2) == 512 * 8452 and _records(I, H, 2) == 1376 * 8452
+    assert p.weights_4bit == L * (4 * 512 + 3 * 1376) * 8452 == 1_670_385_664
+    # embeddings and lm_head: 16000 of 32000 rows; 65 norms: 2048 of 4096.
+    assert p.weights_16bit == 2 * (2 * 16000 * H + (2 * L + 1) * 2048) == 262_410_240
+    # LoRA shards: A [16, K] -> 8 rows, B [N, 16] -> ceil(N/2) rows.
+    local = 4 * (8 * H + 2048 * r) + 2 * (8 * H + 5504 * r) + (8 * I + 2048 * r)
+    assert local == 624_640 and p.adapter_params == L * 2 * local == 39_976_960  # the whole model's count
+    assert p.adapters == p.adapter_grads == 4 * L * local == 79_953_920
+    # 8-bit states of the local shards (32768 or 88064 elements: 8-bit, none large enough to page).
+    st = lambda n: 2 * n + 8 * -(-n // 256) + 4  # noqa: E731
+    assert p.optimizer_state == L * (11 * st(32768) + 3 * st(88064)) == 40_603_392 and p.optimizer_managed == 0
+    # Gathered: the root (embeddings, lm_head, final norm) and two whole layers
+    # (records as all-gathered, codes and scales unpacked, norms, fp32 LoRA),
+    # plus one layer's whole fp32 LoRA gradients.
+    lora_layer = r * (4 * 2 * H + 3 * (H + I))
+    layer = ((4 * 1024 + 3 * 2752) * 8452 + 4 * linear4bit_bytes(H, H) + 3 * linear4bit_bytes(I, H)
+             + 4 * lora_layer + 2 * 2 * H)
+    assert p.fsdp_gathered == 2 * (2 * V * H + H) + 2 * layer + 4 * lora_layer
+    # Activations are not sharded.
+    single = plan_memory("llama2-7b", batch_size=1, seq_len=2048)
+    assert (p.checkpoints, p.layer_recompute, p.logits) == (single.checkpoints, single.layer_recompute, single.logits)
+    assert p.peak_allocated < single.peak_allocated
+
+
+def test_fsdp_shard_bytes_match_the_packed_records():
+    from lowbit.nn.packed_weight import Packed4bitWeight
+
+    for (n, k), blocksize, dq in [((96, 500), 64, True), ((300, 64), 128, False), ((4, 8), 64, True)]:
+        packed, state = lowbit.functional.quantize_4bit(torch.randn(n, k), blocksize=blocksize, double_quant=dq)
+        rec = Packed4bitWeight.from_quantized(packed, state).records()
+        sh = planner.linear4bit_shard_bytes(n, k, 3, blocksize, dq)
+        assert sh["records"] == rec.numel()
+        rows = -(-rec.shape[0] // 3)
+        assert sh["local"] == rows * rec.shape[1] and sh["gathered"] == 3 * sh["local"]
+
+
+def test_cpu_offload_moves_the_shards_to_the_host():
+    kw = dict(batch_size=1, seq_len=2048)
+    on = plan_memory("llama2-7b", world_size=2, **kw)
+    off = plan_memory("llama2-7b", world_size=2, cpu_offload=True, **kw)
+    assert (off.weights_4bit, off.weights_16bit, off.adapters, off.adapter_grads, off.optimizer_state,
+            off.optimizer_managed) == (0, 0, 0, 0, 0, 0)
+    # Shards, their gradients and the optimizer state: 1.67 GB + 0.26 GB + 2 x 80 MB + 41 MB per rank.
+    assert off.host_sharded == (on.weights_4bit + on.weights_16bit + on.adapters + on.adapter_grads
+                                + on.optimizer_state + on.optimizer_managed) == 2_133_307_136
+    assert off.fsdp_gathered == on.fsdp_gathered and off.checkpoints == on.checkpoints
+    assert off.peak_phase == on.peak_phase == "backward of layer 31"
+    # At the backward of the last layer one layer's sharded gradients exist.
+    on_static = on.weights + on.adapters + on.optimizer_state
+    assert off.peak_allocated == on.peak_allocated - on_static - on.adapter_grads // 32
+    # One GPU offloaded: FSDP2 over one rank holds every row, the 4-bit weights in
+    # whole records, and the paged optimizer pages no host tensor.
+    one = plan_memory("llama2-7b", world_size=1, cpu_offload=True, **kw)
+    single = plan_memory("llama2-7b", **kw)
+    H, I, L = 4096, 11008, 32
+    unpaged = plan_memory("llama2-7b", optimizer="adamw8bit", **kw).optimizer_state
+    assert single.optimizer_managed > 0 and one.fsdp
+    assert one.host_sharded == (L * (4 * _records(H, H, 1) + 3 * _records(I, H, 1)) + single.weights_16bit
+                                + single.adapters + single.adapter_grads + unpaged)
+
+
+def test_fsdp_scales_with_the_world_and_ddp_does_not():
+    kw = dict(batch_size=1, seq_len=2048)
+    single = plan_memory("llama2-70b", **kw)
+    # DDP (fsdp=False): every GPU holds the whole model.
+    assert plan_memory("llama2-70b", world_size=4, fsdp=False, **kw) == dataclasses.replace(single, world_size=4)
+    w2, w4 = plan_memory("llama2-70b", world_size=2, **kw), plan_memory("llama2-70b", world_size=4, **kw)
+    assert w4.weights_4bit < w2.weights_4bit < single.weights_4bit
+    assert abs(w2.weights_4bit / w4.weights_4bit - 2) < 1e-3
+    assert w4.peak_allocated < w2.peak_allocated < single.peak_allocated
+    assert w2.fsdp_gathered == w4.fsdp_gathered  # whole layers, whatever the world size (padding aside)
+    # Llama-2-70B, 1 x 2048 tokens per GPU: about 29 GiB on each of 2 cards, 19 on each of 4, 9 offloaded.
+    assert 26 * GIB < w2.device_total < 31 * GIB and 17 * GIB < w4.device_total < 21 * GIB
+    off = plan_memory("llama2-70b", world_size=4, cpu_offload=True, **kw)
+    assert off.device_total < 10 * GIB and 8 * GIB < off.host_sharded < 10 * GIB
+    assert "FSDP2 over 2 GPUs (per GPU)" in w2.summary() and "FSDP2 gathered" in w2.summary()
+    assert "host memory per rank" in off.summary()
+    tight = plan_memory("llama2-70b", gpu_mem_gib=40, **kw)
+    assert tight.fits is False and "--world-size 2" in tight.suggestion() and "--cpu-offload" in tight.suggestion()
+
+
+def test_fsdp_cli_and_bad_inputs(capsys):
+    assert planner.main(["--config", "llama2-70b", "--world-size", "2", "--cpu-offload", "--gpu-mem", "24",
+                         "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["fsdp"] and d["cpu_offload"] and d["world_size"] == 2 and d["host_sharded"] > 17 * GIB and d["fits"]
+    assert planner.main(["--config", "llama2-70b", "--world-size", "2", "--gpu-mem", "24"]) == 2
+    assert "FSDP2 over 2 GPUs" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="world_size"):
+        plan_memory(TINY, batch_size=1, seq_len=8, world_size=0)
+    with pytest.raises(ValueError, match="cpu_offload"):
+        plan_memory(TINY, batch_size=1, seq_len=8, world_size=2, fsdp=False, cpu_offload=True)
 
 
 def test_fits_summary_and_suggestion():

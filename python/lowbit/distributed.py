@@ -149,7 +149,7 @@ def _shard_units(model: nn.Module) -> List[nn.Module]:
 def shard_model(
     model: nn.Module,
     mesh=None,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: Optional[bool] = None,
     cpu_offload: bool = False,
     *,
     units: Optional[Iterable[nn.Module]] = None,
@@ -162,7 +162,11 @@ def shard_model(
     Each Linear4bit weight becomes a Packed4bitWeight (same bytes, cut into
     records aligned with the quantization and nested blocks), so every rank keeps
     about 1/world of the packed codes and of their scales, and a layer's weight is
-    all-gathered as uint8 just before it runs and freed after (reshard_after_forward).
+    all-gathered as uint8 just before it runs and freed after. reshard_after_forward
+    None (FSDP2's default) frees each unit's weights after its forward and gathers
+    them again for backward, but keeps the root's (embeddings, head, ...) from the
+    forward on, since backward needs them at once: one all-gather of them per step
+    instead of two. True or False applies to every unit and the root.
     LoRA adapters and biases are sharded the usual FSDP2 way (DTensor shards;
     lowbit.optim.AdamW8bit / PagedAdamW8bit step on the local shards).
 
@@ -197,27 +201,61 @@ def shard_model(
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
               mp_policy=mp_policy or MixedPrecisionPolicy())
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory lets the host-to-device copies of the shards run
+        # asynchronously; pinning needs a CUDA driver, and on a CPU mesh the
+        # "offloaded" shards are where they already were.
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     for unit in (list(units) if units is not None else _shard_units(model)):
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
     return model
 
 
-def _gather_packed(param) -> Packed4bitWeight:
-    """All records of a sharded Packed4bitWeight parameter, on every rank."""
+def _comm_device(mesh) -> torch.device:
+    """The device the collectives of `mesh` take tensors on. FSDP2's CPU
+    offload keeps the shards in host memory even on a GPU mesh, so they are
+    copied there before a gather."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+
+
+def _gather_rows(local: torch.Tensor, rows: int, mesh) -> torch.Tensor:
+    """The whole tensor of `rows` rows from each rank's dim-0 chunk (torch.chunk
+    layout, as fully_shard splits: ceil(rows/world) rows per rank, the last
+    ranks short or empty), on the mesh's device."""
     import torch.distributed as dist
 
-    local = packed_local(param)
-    mesh = param.device_mesh
     world = mesh.size()
-    rec = local.records()
-    rows = -(-local.record_layout.num_records // world)
-    send = rec.new_zeros(rows, rec.shape[1])
-    send[: rec.shape[0]].copy_(rec)
-    out = rec.new_empty(rows * world, rec.shape[1])
+    per = -(-rows // world)
+    dev = _comm_device(mesh)
+    send = torch.zeros((per,) + tuple(local.shape[1:]), dtype=local.dtype, device=dev)
+    send[: local.shape[0]].copy_(local)
+    out = torch.empty((per * world,) + tuple(local.shape[1:]), dtype=local.dtype, device=dev)
     dist.all_gather_into_tensor(out, send, group=mesh.get_group())
-    return local._like(records=out[: local.record_layout.num_records])
+    return out[:rows]
+
+
+def _gather_packed(param) -> Packed4bitWeight:
+    """All records of a sharded Packed4bitWeight parameter, on every rank."""
+    local = packed_local(param)
+    out = _gather_rows(local.records(), local.record_layout.num_records, param.device_mesh)
+    return local._like(records=out)
+
+
+def _full_tensor(v) -> torch.Tensor:
+    """DTensor.full_tensor(), also for a shard FSDP2 offloaded to the host on a GPU mesh."""
+    from torch.distributed.tensor import Shard
+
+    mesh = v.device_mesh
+    local = v.to_local()
+    if local.device.type == mesh.device_type:
+        return v.full_tensor()
+    if mesh.ndim != 1 or tuple(v.placements) != (Shard(0),):
+        raise ValueError(f"lowbit.distributed.full_state_dict: an offloaded parameter with placements "
+                         f"{tuple(v.placements)} on a {mesh.ndim}-D mesh; only Shard(0) on a 1-D mesh "
+                         f"(what shard_model applies) is supported")
+    return _gather_rows(local, v.shape[0], mesh)
 
 
 def full_state_dict(model: nn.Module, rank0_only: bool = True, cpu: bool = True) -> Dict[str, torch.Tensor]:
@@ -255,7 +293,7 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True, cpu: bool = True)
             pending.append((owners[k], state.to_state_dict(k + ".")))
             continue
         if hasattr(v, "full_tensor"):
-            v = v.full_tensor()
+            v = _full_tensor(v)
         if keep:
             out[k] = v.detach().cpu() if cpu else v.detach()
     flush()

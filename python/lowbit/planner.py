@@ -69,6 +69,10 @@ OFFLOAD_LAYERS_RESIDENT = 2
 #: Default chunk of tokens of the chunked loss (lowbit.nn.chunked_cross_entropy).
 DEFAULT_CHUNK_SIZE = 1024
 
+#: FSDP2: decoder layers whose parameters are gathered at once -- the one
+#: running and the next, prefetched (forward and backward alike).
+FSDP_GATHERED_LAYERS = 2
+
 # ---------------------------------------------------------------- model configs
 
 GIB = 2**30
@@ -101,6 +105,9 @@ _OPTIMIZERS = ("paged_adamw8bit", "adamw8bit", "adamw")
 _OPT_BLOCK = 256
 _MIN_8BIT = 4096
 _PAGE_MIN = 100_000
+# Scales per nested (double-quantization) block: one FSDP2 record holds
+# blocksize x this many weights (lowbit/nn/packed_weight.py).
+_NESTED_BLOCKSIZE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +199,24 @@ def linear4bit_bytes(out_features: int, in_features: int, blocksize: int = 64, d
     if not double_quant:
         return -(-n // 2) + 4 * nblocks
     return -(-n // 2) + nblocks + 4 * -(-nblocks // 256) + 4
+
+
+def linear4bit_shard_bytes(out_features: int, in_features: int, world_size: int, blocksize: int = 64,
+                           double_quant: bool = True) -> Dict[str, int]:
+    """One Linear4bit weight under lowbit.distributed.shard_model (FSDP2):
+    {'records': bytes of all records, 'local': the largest rank's shard (rank 0
+    holds ceil(U/world) of the U records), 'gathered': the all-gather output
+    (world x that shard, padding included)}. A record is blocksize x 256
+    weights' codes with their absmax bytes and nested absmax (one block's codes
+    and float32 absmax without double quantization), the last one zero-padded:
+    lowbit.nn.packed_weight.RecordLayout."""
+    from .nn.packed_weight import RecordLayout
+
+    layout = RecordLayout((out_features, in_features), torch.bfloat16, "nf4", blocksize, double_quant,
+                          _NESTED_BLOCKSIZE)
+    per_rank = -(-layout.num_records // world_size)
+    return {"records": layout.num_records * layout.record_bytes, "local": per_rank * layout.record_bytes,
+            "gathered": world_size * per_rank * layout.record_bytes}
 
 
 def adamw_state_bytes(numel: int, optimizer: str = "paged_adamw8bit") -> Dict[str, int]:
@@ -290,6 +315,15 @@ class MemoryPlan:
     cuda_context: int
     device_total: int
     gpu_mem_bytes: Optional[int]
+    # FSDP2 (lowbit.distributed.shard_model): the static sizes above are one
+    # rank's shards (the largest, rank 0's), zero when cpu_offload moved them
+    # to host memory (host_sharded, per rank); fsdp_gathered is what the
+    # all-gathers hold on the card at the backward peak.
+    world_size: int = 1
+    fsdp: bool = False
+    cpu_offload: bool = False
+    fsdp_gathered: int = 0
+    host_sharded: int = 0
 
     @property
     def weights(self) -> int:
@@ -314,6 +348,9 @@ class MemoryPlan:
             opts.append("chunked CE")
         if self.offload_checkpoints:
             opts.append("offloaded activations")
+        if self.fsdp:
+            opts.append(f"FSDP2 over {self.world_size} GPU{'s' if self.world_size > 1 else ''}"
+                        + (" + CPU offload" if self.cpu_offload else "") + " (per GPU)")
         rows = [
             ("weights, 4-bit linears", self.weights_4bit),
             ("weights, 16-bit (embeddings, lm_head, norms, other)", self.weights_16bit),
@@ -325,6 +362,8 @@ class MemoryPlan:
             ("logits and loss at their peak", self.logits),
             ("workspaces", self.workspace),
         ]
+        if self.fsdp:
+            rows.append((f"FSDP2 gathered: root + {FSDP_GATHERED_LAYERS} layers", self.fsdp_gathered))
         lines = [f"{self.model}: {', '.join(opts)}", "-" * 64]
         lines += [f"{k:<52}{g(v)} GiB" for k, v in rows]
         lines.append("-" * 64)
@@ -336,6 +375,8 @@ class MemoryPlan:
         lines.append(f"{'total on the card':<52}{g(self.device_total)} GiB")
         if self.host_offload:
             lines.append(f"{'pinned host memory for offloaded activations':<52}{g(self.host_offload)} GiB")
+        if self.host_sharded:
+            lines.append(f"{'host memory per rank: shards, grads, optimizer':<52}{g(self.host_sharded)} GiB")
         if self.gpu_mem_bytes is not None:
             verdict = "FITS" if self.fits else "DOES NOT FIT"
             lines.append(f"{verdict} in {self.gpu_mem_bytes / GIB:.1f} GiB")
@@ -362,6 +403,10 @@ class MemoryPlan:
         tips.append("a shorter sequence length (lowbit.planner.max_seq_len finds the longest that fits)")
         if self.optimizer == "adamw":
             tips.append("an 8-bit optimizer (paged_adamw8bit)")
+        if not self.cpu_offload and self.weights > 0.25 * self.gpu_mem_bytes:
+            tips.append(f"shard the weights and adapter state over more GPUs (FSDP2, --world-size "
+                        f"{2 * self.world_size if self.fsdp else 2}) or keep the shards in host memory "
+                        f"(--cpu-offload)")
         if self.weights > 0.8 * self.gpu_mem_bytes:
             tips.append("a card with more memory: the weights alone take "
                         f"{self.weights / GIB:.1f} GiB")
@@ -387,6 +432,9 @@ def plan_memory(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     offload_checkpoints: bool = False,
     cuda_context_bytes: Optional[int] = None,
+    world_size: int = 1,
+    fsdp: Optional[bool] = None,
+    cpu_offload: bool = False,
 ) -> MemoryPlan:
     """Predicts the GPU memory of one QLoRA training step.
 
@@ -434,11 +482,31 @@ def plan_memory(
     only OFFLOAD_LAYERS_RESIDENT layers' worth stays on the card
     (`host_offload` reports the pinned host bytes).
 
+    FSDP2 (`fsdp`, default: world_size > 1 or cpu_offload; lowbit.distributed.shard_model
+    over `world_size` GPUs, one unit per decoder layer and the root): the plan is one
+    GPU's, the largest rank's (rank 0). Every parameter is split on dim 0 as
+    torch.chunk does (ceil(rows / world_size) rows on rank 0); a Linear4bit
+    weight in records of blocksize x 256 weights (linear4bit_shard_bytes);
+    adapters, their gradients and the optimizer state are those of the local
+    shards (8-bit and paging decided per shard). Activations are not sharded.
+      fsdp_gathered   the root's parameters (embeddings, lm_head, final norm: FSDP2
+                      keeps the root gathered from forward through backward)
+                      + FSDP_GATHERED_LAYERS x one layer gathered (all-gathered records,
+                      padding included, + the codes and scales unpacked from them +
+                      16-bit norms and other linears + fp32 LoRA) + one layer's whole
+                      fp32 LoRA gradients before their reduce-scatter; the root part
+                      counts in the loss phase too.
+    cpu_offload (FSDP2's CPUOffloadPolicy): the shards, their gradients and the
+    optimizer state (not paged: host tensors) move to host memory, `host_sharded`
+    per rank; the card keeps fsdp_gathered and the activations. NCCL's own
+    buffers (outside torch's allocator) are not counted.
+
     Peak: the larger of
-      loss phase      static + checkpoints + logits + WORKSPACE_BYTES
+      loss phase      static + checkpoints + logits + WORKSPACE_BYTES (+ FSDP2 root)
       backward, layer k (the largest over k = L-1 .. 0)
                       static + grads of layers k..L-1 (+ 16-bit other grads) +
                       checkpoints still held + layer_recompute + WORKSPACE_BYTES
+                      (+ fsdp_gathered)
     reserved = peak_allocated * FRAGMENTATION; the card needs reserved +
     optimizer_managed + CUDA context (cuda_context_bytes, default
     CUDA_CONTEXT_BYTES), and `fits` compares that with gpu_mem_gib.
@@ -461,6 +529,13 @@ def plan_memory(
         raise ValueError(f"gpu_mem_gib must be > 0, got {gpu_mem_gib!r}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if fsdp is None:
+        fsdp = world_size > 1 or cpu_offload
+    if cpu_offload and not fsdp:
+        raise ValueError("cpu_offload is FSDP2's CPUOffloadPolicy: it needs fsdp=True "
+                         "(lowbit.distributed.shard_model(model, cpu_offload=True))")
     targets = tuple(lora_targets)
     known = {n for n, _, _ in m.linears()}
     unknown = [t for t in targets if t not in known]
@@ -470,29 +545,59 @@ def plan_memory(
     H, L, V = m.hidden_size, m.num_hidden_layers, m.vocab_size
     T = batch_size * seq_len
 
-    # ---- static
+    # ---- static (per GPU: with FSDP2 each rank's largest shard)
+    W = world_size if fsdp else 1
+
+    def rows(n):  # rows of a dim-0 shard on rank 0 (torch.chunk: ceil(n / W))
+        return -(-n // W)
+
     w4 = w16_layer = lora_params_layer = 0
     opt_dev = opt_managed = 0
     largest = 0
+    gathered_layer = 0  # one decoder layer's parameters while FSDP2 holds them whole
+    lora_local_layer = 0
     for name, k_in, n_out in m.linears():
         if name in targets:
-            w4 += linear4bit_bytes(n_out, k_in, blocksize, double_quant)
+            if fsdp:
+                sh = linear4bit_shard_bytes(n_out, k_in, W, blocksize, double_quant)
+                w4 += sh["local"]
+                # the all-gathered records and the codes and scales unpacked from them
+                gathered_layer += sh["gathered"] + linear4bit_bytes(n_out, k_in, blocksize, double_quant)
+            else:
+                w4 += linear4bit_bytes(n_out, k_in, blocksize, double_quant)
             largest = max(largest, e * n_out * k_in)
             if lora_r:
-                for numel in (lora_r * k_in, n_out * lora_r):
+                for numel, local in ((lora_r * k_in, rows(lora_r) * k_in), (n_out * lora_r, rows(n_out) * lora_r)):
                     lora_params_layer += numel
-                    st = adamw_state_bytes(numel, optimizer)
+                    lora_local_layer += local
+                    gathered_layer += 4 * numel
+                    # The paged optimizer pages CUDA tensors only: offloaded shards are host tensors.
+                    st = adamw_state_bytes(local, "adamw8bit" if cpu_offload and optimizer != "adamw" else optimizer)
                     opt_dev += st["device"]
                     opt_managed += st["managed"]
         else:
-            w16_layer += e * n_out * k_in
+            w16_layer += e * rows(n_out) * k_in
+            gathered_layer += e * n_out * k_in
+    gathered_layer += e * 2 * H  # the layer's two norms
+    root_rows = V * (1 if m.tie_word_embeddings else 2)  # embeddings (+ lm_head): the root unit, with the final norm
     weights_4bit = L * w4
-    weights_16bit = e * (V * H * (1 if m.tie_word_embeddings else 2) + (2 * L + 1) * H) + L * w16_layer
+    weights_16bit = e * (rows(V) * H * (1 if m.tie_word_embeddings else 2) + (2 * L + 1) * rows(H)) + L * w16_layer
     adapter_params = L * lora_params_layer
-    adapters = 4 * adapter_params
+    adapters = 4 * L * lora_local_layer
     grads = adapters
     optimizer_state, optimizer_managed = L * opt_dev, L * opt_managed
+    host_sharded = 0
+    if cpu_offload:  # FSDP2's CPUOffloadPolicy: shards, their gradients and the optimizer live on the host
+        host_sharded = weights_4bit + weights_16bit + adapters + grads + optimizer_state + optimizer_managed
+        weights_4bit = weights_16bit = adapters = grads = optimizer_state = optimizer_managed = 0
     static = weights_4bit + weights_16bit + adapters + optimizer_state
+    # FSDP2 keeps the root's parameters gathered from the forward through the
+    # backward (it does not reshard the root after forward); a decoder layer is
+    # gathered while it runs, with the next one prefetched, and its whole fp32
+    # LoRA gradients exist until they are reduce-scattered.
+    root_gathered = e * (root_rows * H + H) if fsdp else 0
+    layers_gathered = min(L, FSDP_GATHERED_LAYERS) * gathered_layer + 4 * lora_params_layer if fsdp else 0
+    fsdp_gathered = root_gathered + layers_gathered
 
     # ---- activations
     saved, transient = _saved_per_token(m, targets if lora_r else (), lora_r, lora_dropout, e)
@@ -516,7 +621,7 @@ def plan_memory(
         final = T * final_norm
     checkpoints = sum(held) + final
 
-    loss_phase = static + checkpoints + logits + WORKSPACE_BYTES
+    loss_phase = static + root_gathered + checkpoints + logits + WORKSPACE_BYTES
     grads_layer = grads // L if L else 0
     best_back, best_k = 0, L - 1
     for k in range(L - 1, -1, -1):
@@ -526,7 +631,7 @@ def plan_memory(
             still = min(k + 1, OFFLOAD_LAYERS_RESIDENT) * T * ckpt_layer
         else:
             still = sum(held[: k + 1])
-        b = static + (L - k) * grads_layer + still + layer_recompute + WORKSPACE_BYTES
+        b = static + fsdp_gathered + (L - k) * grads_layer + still + layer_recompute + WORKSPACE_BYTES
         if b > best_back:
             best_back, best_k = b, k
     if loss_phase >= best_back:
@@ -544,6 +649,8 @@ def plan_memory(
         logits=logits, workspace=WORKSPACE_BYTES, host_offload=host, peak_allocated=peak, peak_phase=phase,
         reserved=reserved, cuda_context=ctx, device_total=reserved + optimizer_managed + ctx,
         gpu_mem_bytes=None if gpu_mem_gib is None else int(gpu_mem_gib * GIB),
+        world_size=world_size, fsdp=bool(fsdp), cpu_offload=cpu_offload, fsdp_gathered=fsdp_gathered,
+        host_sharded=host_sharded,
     )
 
 
@@ -601,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="saved activations in pinned host memory (lowbit.nn.offload_activations)")
+    p.add_argument("--world-size", type=positive_int, default=1,
+                   help="GPUs the model is sharded over with FSDP2 (lowbit.distributed.shard_model); per-GPU plan")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="FSDP2 CPU offload: shards, gradients and optimizer state in host memory")
     p.add_argument("--max-seq", action="store_true", help="also print the longest seq len that fits --gpu-mem")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -612,7 +723,8 @@ def main(argv=None) -> int:
                   lora_targets=tuple(t for t in args.targets.split(",") if t),
                   gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
                   blocksize=args.blocksize, double_quant=not args.no_double_quant, chunked_ce=args.chunked_ce,
-                  chunk_size=args.chunk_size, offload_checkpoints=args.offload_checkpoints)
+                  chunk_size=args.chunk_size, offload_checkpoints=args.offload_checkpoints,
+                  world_size=args.world_size, cpu_offload=args.cpu_offload)
     try:
         plan = plan_memory(args.config, batch_size=args.batch_size, seq_len=args.seq_len, gpu_mem_gib=args.gpu_mem,
                            **kwargs)
@@ -637,8 +749,8 @@ def main(argv=None) -> int:
     return EXIT_DOES_NOT_FIT if plan.fits is False else EXIT_FITS
 
 
-__all__ = ["MemoryPlan", "ModelShape", "PRESETS", "adamw_state_bytes", "linear4bit_bytes", "load_config",
-           "max_seq_len", "plan_memory"]
+__all__ = ["MemoryPlan", "ModelShape", "PRESETS", "adamw_state_bytes", "linear4bit_bytes", "linear4bit_shard_bytes",
+           "load_config", "max_seq_len", "plan_memory"]
 
 if __name__ == "__main__":
     sys.exit(main())
