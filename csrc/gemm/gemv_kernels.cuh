@@ -1,0 +1,502 @@
+#pragma once
+// Decode-time forward 4-bit matmul (M = 1..8 rows of x): a memory-bound GEMV
+// that streams the packed weight once, keeping many bytes in flight per SM.
+//
+// Shared with gemm_4bit_tc_kernel: the weight is the A operand of
+// mma.sync m16n8k16 (16 weight rows per tile), x^T the B operand (the 8
+// columns are the rows of x; columns >= M compute garbage that is never
+// written); a packed byte becomes an A register through one shared lookup in
+// a byte -> two-codes table replicated 32 times (one copy per bank); each mma
+// step spans one quantization block, so the block's scale multiplies the fp32
+// partial sum of the granule (min(blocksize, 128) k-values) and the codes stay
+// exact.
+//
+// What changed against the tc kernel, which at M = 1 ran with one 8-warp block
+// per SM (244 registers), double-buffered words in registers, and reached 31%
+// of the DRAM bandwidth (too few bytes in flight):
+//  - Work: a warp owns RT 16-row tiles ("a unit", 16 * RT weight rows) and a
+//    contiguous range of 256-k "stages" along K. A block of W warps holds `rw`
+//    units; the W / rw warps of a unit split its K range, and are summed in
+//    shared memory in a fixed order (deterministic). Only when the units do not
+//    fill the chip is K split across blocks as well (fp32 partials and
+//    splitk_reduce_kernel, summed in split order).
+//  - Data: every warp has its own ring of S stages in shared memory, fed with
+//    cp.async (no registers held by loads in flight): per stage the x slice
+//    [M, 256] and the stage's scale bytes, and (variant kAsync) the weight tile
+//    [16 * RT, 128 bytes] itself. Only __syncwarp orders a warp's ring; the
+//    block synchronizes only around the table fill and the final reduction.
+//  - Variant kRegs keeps the weight in registers instead (16-byte
+//    ld.global.nc, one stage ahead, plus an L2 prefetch S - 1 stages ahead),
+//    with x and scales in the ring.
+//
+// Lane layout of a granule (GS = min(blocksize, 128) k-values of one row, GS/2
+// bytes): lane t (0..3) of the row's 4-lane group owns bytes
+// [t * GS/8, (t + 1) * GS/8), i.e. WPG = GS/32 words; word i covers k =
+// c*GS + t*GS/4 + 8i + [0, 8) of the stage. Each word feeds two mma steps
+// (bytes 0,1 then 2,3), and the lane's B registers are the matching 8 x values
+// (one 16-byte load). So each mma step takes 4 k from each of the 4 lanes of
+// a group, all in one granule, hence in one quantization block.
+#include <cstdint>
+
+#include "gemm/gemv_prims.cuh"
+#include "quantize/quantize_kernels.cuh"
+
+namespace lowbit {
+namespace cuda {
+namespace gemv {
+
+// The kernels selectable with LOWBIT_GEMV_VARIANT (see gemm_cuda.cu).
+enum class Variant : int {
+  kTc = 0,     // the general fused tensor-core kernel (gemm_4bit_tc_kernel)
+  kAsync = 1,  // cp.async ring for weight, x and scales
+  kRegs = 2,   // weight in registers, x and scales through the ring
+};
+
+constexpr int kMaxWarps = 8;
+constexpr int kMaxThreads = kMaxWarps * 32;
+constexpr int kMaxM = 8;
+constexpr int kStageK = 256;               // k-values of a row per stage
+constexpr int kStageRowBytes = kStageK / 2;
+constexpr int kXRowBytes = kStageK * 2;    // one row of x per stage (16-bit)
+constexpr int kLutBytes = 256 * 32 * 4;    // byte -> two codes, 32 copies
+constexpr int kNestedCodeOff = kLutBytes;  // 256 floats of the nested code
+constexpr int kRingOff = kNestedCodeOff + 256 * 4;
+
+struct GemvArgs {
+  const void* x;          // [M, K], T, 16-byte aligned
+  const uint8_t* packed;  // [N * K / 2], 16-byte aligned
+  const float* code;      // [16]
+  ScaleArgs s;
+  int block_shift;        // log2(blocksize)
+  int64_t nblocks;        // quantization blocks (bounds the 8-bit scale reads)
+  const void* bias;       // [N], T, or nullptr (used when splits == 1)
+  void* out;              // [M, N], T (splits == 1)
+  float* partial;         // [splits, M, N] fp32 (splits > 1)
+  int M, N, K;
+  int units;              // 16 * RT-row units covering N
+  int rw;                 // units per block; the block's W / rw warps split K
+  int splits;             // blocks along K
+  int stages;             // ring depth S (2 or 3)
+  int stage_bytes;        // one stage of one warp's ring
+};
+
+// ---------------------------------------------------------------- layouts
+
+// A ring stage: [weight tile (kAsync only)][x rows][scale bytes per row].
+template <int RT, int GS, bool REGS>
+struct StageLayout {
+  static constexpr int kRows = 16 * RT;
+  static constexpr int kWeightBytes = REGS ? 0 : kRows * kStageRowBytes;
+  // Per row: nested: the 8-bit codes (4 bytes; 8 for blocksize 32) at 0, the
+  // nested absmax at 8, and for GS = 128 the position of the first code in
+  // its word at 12. Plain: the float scales of the stage (up to 8).
+  static constexpr int kScaleRowBytes = GS == 32 ? 32 : 16;
+  __host__ __device__ static constexpr int x_off() { return kWeightBytes; }
+  __host__ __device__ static constexpr int scale_off(int M) { return kWeightBytes + M * kXRowBytes; }
+  __host__ __device__ static constexpr int bytes(int M) { return scale_off(M) + kRows * kScaleRowBytes; }
+};
+
+// Weight tile: 16-byte chunk q of row r is stored at chunk q ^ w_swizzle(r).
+// The fragment reads of a quarter/half/full warp (16-, 8-, 4-byte reads for
+// GS = 128, 64, 32) touch rows g (+8, +16, +24) for consecutive g: the
+// swizzle gives rows g, g+1 different halves, rows g..g+3 different 32-byte
+// pairs, rows g..g+7 different chunks, so none of them conflict. A cp.async
+// of 8 lanes fills one row, permuted within it: no conflicts either.
+__host__ __device__ constexpr int w_swizzle(int r) { return ((r & 1) << 2) | (r & 2) | ((r >> 2) & 1); }
+
+// x tile: chunk q (8 k-values) of x row r. Lane t of a group reads chunks
+// t * GS/32 + i (+ c * GS/8); the term from bit 3 of q spreads the four lanes
+// over distinct chunks mod 8, the row bit separates the two rows (groups) of a
+// quarter warp.
+template <int GS>
+__host__ __device__ constexpr int x_chunk(int r, int q) {
+  return q ^ ((((q >> 3) & 1) << 1) | ((r & 1) * (GS == 32 ? 4 : 1)));
+}
+
+__host__ __device__ constexpr int stage_bytes(int rt, int gs, bool regs, int M) {
+  return (regs ? 0 : 16 * rt * kStageRowBytes) + M * kXRowBytes + 16 * rt * (gs == 32 ? 32 : 16);
+}
+
+// The two codes of byte j of w for the calling lane (lut = table + lane).
+__host__ __device__ __forceinline__ uint32_t lut_at(const uint32_t* lut, uint32_t w, int j) {
+  return lds<uint32_t>(lut + ((w >> (8 * j)) & 0xFFu) * 32);
+}
+
+// ---------------------------------------------------------------- the kernel body
+
+template <typename T, int RT, int GS, bool NESTED, bool REGS>
+__host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* smem) {
+  static_assert(RT == 1 || RT == 2, "one or two 16-row tiles per warp");
+  static_assert(GS == 32 || GS == 64 || GS == 128, "granule of 32, 64 or 128 k-values");
+  static_assert(!REGS || GS >= 64, "register variant: blocksize >= 64");
+  using L = StageLayout<RT, GS, REGS>;
+  constexpr int G = kStageK / GS;       // granules per stage
+  constexpr int WPG = GS / 32;          // words per lane, row and granule
+  constexpr int ROWS = L::kRows;
+  constexpr int SRB = L::kScaleRowBytes;
+  constexpr int QW = GS == 32 ? 8 : 4;  // nested: code bytes copied per row and stage
+  constexpr int GS_SHIFT = GS == 32 ? 5 : GS == 64 ? 6 : 7;
+
+  const int tid = thread_index();
+  const int nthreads = block_dim();
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int M = a.M, N = a.N, K = a.K;
+  const int64_t half_k = K / 2;
+
+  // Work of this warp: unit (rows row0 .. row0 + ROWS) and stages [s_begin, s_end).
+  const int bid = block_index();
+  const int split = bid % a.splits;
+  const int rw = a.rw, kw = nwarps / rw;
+  const int ru = warp % rw, kp = warp / rw;
+  const int unit = (bid / a.splits) * rw + ru;
+  int s_begin = 0, s_end = 0;
+  if (unit < a.units) {
+    const int64_t total = K / kStageK, parts = static_cast<int64_t>(a.splits) * kw, part = split * kw + kp;
+    s_begin = static_cast<int>(total * part / parts);
+    s_end = static_cast<int>(total * (part + 1) / parts);
+  }
+  const int nst = s_end - s_begin;
+  const int row0 = unit * ROWS;
+  const int S = a.stages, SB = a.stage_bytes;
+  uint8_t* ring = smem + kRingOff + warp * S * SB;
+  const int x_off = L::x_off(), sc_off = L::scale_off(M);
+
+  // ------------------------------------------------ producer: one stage into a ring slot
+  auto issue = [&](int s, int slot) {
+    uint8_t* st = ring + slot * SB;
+    if constexpr (!REGS) {
+      // Weight tile: 8 lanes per 128-byte row, 4 rows per instruction.
+      const int q = lane & 7;
+#pragma unroll
+      for (int j = 0; j < RT * 4; ++j) {
+        const int r = j * 4 + (lane >> 3);
+        const int row = row0 + r;
+        const bool ok = row < N;
+        const uint8_t* src = a.packed + (ok ? row : 0) * half_k + s * kStageRowBytes + q * 16;
+        cp_async<16, false>(st + r * kStageRowBytes + ((q ^ w_swizzle(r)) << 4), src, ok ? 16 : 0);
+      }
+    }
+    // x: lane = chunk of 8 k-values, one row of x per instruction.
+    const T* xs = static_cast<const T*>(a.x) + s * kStageK + lane * 8;
+    for (int m = 0; m < M; ++m)
+      cp_async<16, true>(st + x_off + m * kXRowBytes + (x_chunk<GS>(m, lane) << 4), xs + static_cast<int64_t>(m) * K,
+                         16);
+    // Scales of the stage, one row per lane.
+    for (int r = lane; r < ROWS; r += 32) {
+      const int row = row0 + r;
+      const bool ok = row < N;
+      const int64_t b0 = ((ok ? row : 0) * static_cast<int64_t>(K) + static_cast<int64_t>(s) * kStageK) >> a.block_shift;
+      uint8_t* d = st + sc_off + r * SRB;
+      if constexpr (NESTED) {
+        // The aligned word holding the stage's codes; never read past the end.
+        const int64_t bw = b0 & ~static_cast<int64_t>(QW - 1);
+        const int64_t left = a.nblocks - bw;
+        cp_async<QW, true>(d, a.s.absmax_q + bw, ok ? static_cast<int>(left < QW ? left : QW) : 0);
+        cp_async<4, true>(d + 8, a.s.nested_absmax + (b0 >> a.s.nested_shift), ok ? 4 : 0);
+        if constexpr (GS == 128) sts<uint32_t>(d + 12, static_cast<uint32_t>(b0 & 3));
+      } else {
+        const float* src = a.s.absmax + b0;
+        if constexpr (GS == 32) {
+          cp_async<16, true>(d, src, ok ? 16 : 0);
+          cp_async<16, true>(d + 16, src + 4, ok ? 16 : 0);
+        } else if constexpr (GS == 64) {
+          cp_async<16, true>(d, src, ok ? 16 : 0);
+        } else if (a.block_shift == 7) {
+          cp_async<8, true>(d, src, ok ? 8 : 0);
+        } else {
+          cp_async<4, true>(d, src, ok ? 4 : 0);
+        }
+      }
+    }
+  };
+
+  // ------------------------------------------------ kRegs: the weight words of a stage
+  // wr[rt][h][e]: row 16rt + 8h + g, 64-byte half e of the stage row. GS =
+  // 128: lane t loads bytes [16t, 16t + 16) of the half, its granule share as
+  // is. GS = 64 (two blocks per half): lanes t load [32(t&1) + 16(t>>1), +16)
+  // and each even/odd pair swaps 8 bytes (see exchange64), so that every lane
+  // ends up with its 8-byte share of both blocks.
+  const int woff = GS == 128 ? 16 * t : 32 * (t & 1) + 16 * (t >> 1);
+  auto load_w = [&](int s, uint4 (&wr)[RT][2][2]) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 16 * rt + 8 * h + g;
+        // Rows past N read row 0: their results are never written.
+        const uint8_t* p = a.packed + (row < N ? row : 0) * half_k + s * kStageRowBytes + woff;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) wr[rt][h][e] = ldg_stream16(p + 64 * e);
+      }
+  };
+
+  // ------------------------------------------------ consumer: decode + mma of one stage
+  const uint32_t* lut = reinterpret_cast<const uint32_t*>(smem) + lane;
+  const float* ncode = reinterpret_cast<const float*>(smem + kNestedCodeOff);
+  const int swg = w_swizzle(g);     // rows 16rt + 8h + g all have (r & 7) == g
+  const int xr = g < M ? g : 0;     // columns >= M read row 0 (never written)
+  const int rel = a.block_shift - GS_SHIFT;  // granule -> scale index shift (GS = 128 only)
+  float offset = 0.0f;
+  float acc[RT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[rt][i] = 0.0f;
+
+  auto consume = [&](int slot, const uint4 (&wr)[RT][2][2]) {
+    const uint8_t* st = ring + slot * SB;
+    const uint8_t* xs = st + x_off + xr * kXRowBytes;
+    const uint8_t* ss = st + sc_off;
+    // kRegs, GS = 64: swap halves within lane pairs (see load_w).
+    uint32_t ex[RT][2][2][4];
+    if constexpr (REGS && GS == 64) {
+      const bool odd = t & 1;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const uint4 v = wr[rt][h][e];
+            const uint32_t r0 = shfl_xor(odd ? v.x : v.z, 1);
+            const uint32_t r1 = shfl_xor(odd ? v.y : v.w, 1);
+            // granule 2e (first block of the half), then 2e + 1
+            ex[rt][h][e][0] = odd ? r0 : v.x;
+            ex[rt][h][e][1] = odd ? r1 : v.y;
+            ex[rt][h][e][2] = odd ? v.z : r0;
+            ex[rt][h][e][3] = odd ? v.w : r1;
+          }
+    }
+#pragma unroll
+    for (int c = 0; c < G; ++c) {
+      // Scales of the lane's rows for this granule.
+      float sc[RT][2];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* sr = ss + (16 * rt + 8 * h + g) * SRB;
+          if constexpr (NESTED) {
+            int pos = c;
+            if constexpr (GS == 128) pos = lds<uint8_t>(sr + 12) + (c >> rel);
+            const uint32_t q = lds<uint8_t>(sr + pos);
+            sc[rt][h] = fmul_rn(lds<float>(ncode + q), lds<float>(sr + 8)) + offset;
+          } else {
+            sc[rt][h] = lds<float>(sr + 4 * (GS == 128 ? (c >> rel) : c));
+          }
+        }
+      // Weight words of the granule.
+      uint32_t wq[RT][2][WPG];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (REGS && GS == 128) {
+            const uint4 v = wr[rt][h][c];
+            wq[rt][h][0] = v.x, wq[rt][h][1] = v.y, wq[rt][h][2] = v.z, wq[rt][h][3] = v.w;
+          } else if constexpr (REGS) {
+#pragma unroll
+            for (int i = 0; i < WPG; ++i) wq[rt][h][i] = ex[rt][h][c >> 1][2 * (c & 1) + i];
+          } else {
+            const int o = c * (GS / 2) + t * (GS / 8);  // byte of the row within the stage
+            const uint8_t* p = st + (16 * rt + 8 * h + g) * kStageRowBytes + ((((o >> 4) ^ swg) << 4) | (o & 15));
+            if constexpr (GS == 128) {
+              const uint4 v = lds<uint4>(p);
+              wq[rt][h][0] = v.x, wq[rt][h][1] = v.y, wq[rt][h][2] = v.z, wq[rt][h][3] = v.w;
+            } else if constexpr (GS == 64) {
+              const uint2 v = lds<uint2>(p);
+              wq[rt][h][0] = v.x, wq[rt][h][1] = v.y;
+            } else {
+              wq[rt][h][0] = lds<uint32_t>(p);
+            }
+          }
+        }
+      float tmp[RT][4];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) tmp[rt][i] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < WPG; ++i) {
+        const int q = c * (GS / 8) + t * (GS / 32) + i;  // the word's 8 x values
+        const uint4 xv = lds<uint4>(xs + (x_chunk<GS>(xr, q) << 4));
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const uint32_t b0 = u ? xv.z : xv.x;
+          const uint32_t b1 = u ? xv.w : xv.y;
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            uint32_t af[4];
+            af[0] = lut_at(lut, wq[rt][0][i], 2 * u);
+            af[1] = lut_at(lut, wq[rt][1][i], 2 * u);
+            af[2] = lut_at(lut, wq[rt][0][i], 2 * u + 1);
+            af[3] = lut_at(lut, wq[rt][1][i], 2 * u + 1);
+            mma16816<T>(tmp[rt], af, b0, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        acc[rt][0] = fmaf(tmp[rt][0], sc[rt][0], acc[rt][0]);
+        acc[rt][1] = fmaf(tmp[rt][1], sc[rt][0], acc[rt][1]);
+        acc[rt][2] = fmaf(tmp[rt][2], sc[rt][1], acc[rt][2]);
+        acc[rt][3] = fmaf(tmp[rt][3], sc[rt][1], acc[rt][3]);
+      }
+    }
+  };
+
+  // ------------------------------------------------ prologue
+  // The first S - 1 stages are requested before the table fill, so the fill
+  // runs under the memory latency. Every iteration commits a group (empty
+  // ones too), so "all but the newest S - 2 groups" is always the next stage.
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < nst) issue(s_begin + i, i);
+    cp_async_commit();
+  }
+  uint4 wnext[RT][2][2], wcur[RT][2][2];
+  if constexpr (REGS) {
+    if (nst > 0) load_w(s_begin, wnext);
+  }
+  // Table: entry b (low half: code of the high nibble, the earlier element),
+  // 32 copies; 8 threads write one entry's 128 bytes with 16-byte stores.
+  for (int p = tid; p < 256 * 8; p += nthreads) {
+    const int b = p >> 3;
+    const uint32_t v = bits16<T>(ldg(a.code + (b >> 4))) | (bits16<T>(ldg(a.code + (b & 15))) << 16);
+    sts<uint4>(smem + b * 128 + (p & 7) * 16, make_uint4(v, v, v, v));
+  }
+  if constexpr (NESTED) {
+    for (int p = tid; p < 256; p += nthreads) sts<float>(smem + kNestedCodeOff + 4 * p, ldg(a.s.nested_code + p));
+    offset = ldg(a.s.offset);
+  }
+  syncthreads();
+
+  // ------------------------------------------------ main loop
+  int rd = 0, wrs = S - 1;
+  for (int i = 0; i < nst; ++i) {
+    cp_async_wait_dyn(S - 2);
+    syncwarp();  // every lane's copies of stage i landed; every lane is done with slot wrs
+    if (i + S - 1 < nst) issue(s_begin + i + S - 1, wrs);
+    cp_async_commit();
+    if constexpr (REGS) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) wcur[rt][h][e] = wnext[rt][h][e];
+      if (i + 1 < nst) load_w(s_begin + i + 1, wnext);
+      if (lane < ROWS && i + S - 1 < nst && row0 + lane < N)
+        prefetch_l2(a.packed + (row0 + lane) * half_k + (s_begin + i + S - 1) * kStageRowBytes);
+    }
+    consume(rd, wcur);
+    rd = rd + 1 == S ? 0 : rd + 1;
+    wrs = wrs + 1 == S ? 0 : wrs + 1;
+  }
+  cp_async_wait<0>();
+
+  // ------------------------------------------------ reduction over the K-split warps
+  syncthreads();  // all rings are idle: reuse them
+  float* red = reinterpret_cast<float*>(smem + kRingOff);
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sts<float>(red + ((warp * RT + rt) * 4 + i) * 32 + lane, acc[rt][i]);
+  syncthreads();
+  constexpr int PER_UNIT = RT * 4 * 32;
+  for (int q = tid; q < rw * PER_UNIT; q += nthreads) {
+    const int u = q / PER_UNIT, rem = q % PER_UNIT;
+    const int rt = rem / 128, i = (rem / 32) & 3, ln = rem & 31;
+    float v = 0.0f;
+    for (int k = 0; k < kw; ++k) v += lds<float>(red + (((u + k * rw) * RT + rt) * 4 + i) * 32 + ln);
+    const int un = (bid / a.splits) * rw + u;
+    const int row = un * ROWS + 16 * rt + (ln >> 2) + 8 * (i >> 1);
+    const int m = 2 * (ln & 3) + (i & 1);
+    if (un >= a.units || row >= N || m >= M) continue;
+    if (a.splits == 1) {
+      if (a.bias) v += static_cast<float>(ldg(static_cast<const T*>(a.bias) + row));
+      stg<T>(static_cast<T*>(a.out) + static_cast<int64_t>(m) * N + row, T(v));
+    } else {
+      stg<float>(a.partial + (static_cast<int64_t>(split) * M + m) * N + row, v);
+    }
+  }
+}
+
+template <typename T, int RT, int GS, bool NESTED, bool REGS>
+__global__ void __launch_bounds__(kMaxThreads, 2) gemv_4bit_kernel(const GemvArgs a) {
+  extern __shared__ __align__(16) uint8_t gemv_smem[];
+  gemv_block<T, RT, GS, NESTED, REGS>(a, gemv_smem);
+}
+
+// ---------------------------------------------------------------- launch shape (host)
+
+struct GemvPlan {
+  bool ok = false;
+  int rt = 1, gs = 128;
+  bool regs = false;
+  int warps = kMaxWarps;
+  int stages = 3;
+  int stage_bytes = 0;
+  int smem = 0;           // dynamic shared memory per block
+  int blocks_per_sm = 0;  // by shared memory
+  int units = 0, rw = 1, splits = 1, blocks = 0;
+};
+
+// sms, smem_per_sm, smem_per_block: the device's multiprocessors, shared
+// memory per SM and the opt-in maximum per block.
+inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocksize, int sms, int smem_per_sm,
+                          int smem_per_block) {
+  GemvPlan p;
+  if (v == Variant::kTc || M < 1 || M > kMaxM || N < 1 || K < kStageK || K % kStageK != 0) return p;
+  p.gs = static_cast<int>(blocksize < 128 ? blocksize : 128);
+  p.regs = v == Variant::kRegs && p.gs >= 64;
+  // Two tiles per warp above M = 4: each x value loaded into the ring then
+  // feeds 32 weight rows, halving the x traffic from L2 (at M = 8 it would
+  // otherwise be twice the weight stream).
+  p.rt = M > 4 ? 2 : 1;
+  // Ring depth 3 (two stages in flight per warp) and 8 warps per block (one
+  // table fill for 8 warps) if two such blocks fit an SM; else fewer stages,
+  // then fewer warps; else the first configuration that fits at all.
+  const int configs[4][2] = {{8, 3}, {8, 2}, {4, 3}, {4, 2}};
+  for (const auto& cfg : configs) {
+    const int warps = cfg[0], stages = cfg[1];
+    const int sb = stage_bytes(p.rt, p.gs, p.regs, M);
+    const int ring = warps * stages * sb;
+    const int red = warps * p.rt * 4 * 32 * 4;  // the final reduction reuses the rings
+    const int smem = kRingOff + (ring > red ? ring : red);
+    if (smem > smem_per_block) continue;
+    int bps = smem_per_sm / (smem + 1024);  // 1 KB reserved per block
+    if (bps > 2) bps = 2;                    // __launch_bounds__(256, 2)
+    if (bps > p.blocks_per_sm) {
+      p.warps = warps, p.stages = stages, p.stage_bytes = sb, p.smem = smem, p.blocks_per_sm = bps;
+      if (bps == 2) break;
+    }
+  }
+  if (p.blocks_per_sm < 1) return p;
+  const int64_t T = K / kStageK;
+  p.units = static_cast<int>((N + 16 * p.rt - 1) / (16 * p.rt));
+  const int64_t slots = static_cast<int64_t>(sms) * p.blocks_per_sm;
+  // More units per block (fewer warps per unit) while each warp would
+  // otherwise stream fewer than 8 stages and the blocks still fill every slot.
+  int rw = 1;
+  while (rw < p.warps && T / (p.warps / rw) < 8 && (p.units + 2 * rw - 1) / (2 * rw) >= slots) rw *= 2;
+  p.rw = rw;
+  const int64_t blocks = (p.units + rw - 1) / rw;
+  // Split K across blocks only when the units leave SMs idle.
+  int64_t splits = 1;
+  if (blocks < sms) {
+    const int64_t kw = p.warps / rw;
+    const int64_t max_splits = T / kw > 1 ? T / kw : 1;
+    splits = (sms + blocks - 1) / blocks;
+    if (splits > max_splits) splits = max_splits;
+  }
+  p.splits = static_cast<int>(splits);
+  if (blocks * splits >= (int64_t{1} << 31)) return p;
+  p.blocks = static_cast<int>(blocks * splits);
+  p.ok = true;
+  return p;
+}
+
+}  // namespace gemv
+}  // namespace cuda
+}  // namespace lowbit
