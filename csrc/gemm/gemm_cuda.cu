@@ -285,7 +285,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   if (gemv_eligible(p)) {
     const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
     const cuda::gemv::GemvPlan g = cuda::gemv::plan_gemv(
-        gemv_variant(), static_cast<int>(p.M), N, K, p.w.blocksize, prop.multiProcessorCount,
+        gemv_variant(), static_cast<int>(p.M), N, K, p.w.blocksize, p.w.nested(), prop.multiProcessorCount,
         static_cast<int>(prop.sharedMemPerMultiprocessor), static_cast<int>(prop.sharedMemPerBlockOptin));
     if (g.ok) return gemv(p, g, stream).reshape(p.out_shape);
   }

@@ -61,6 +61,7 @@ constexpr int kXRowBytes = kStageK * 2;    // one row of x per stage (16-bit)
 constexpr int kLutBytes = 256 * 32 * 4;    // byte -> two codes, 32 copies
 constexpr int kNestedCodeOff = kLutBytes;  // 256 floats of the nested code
 constexpr int kRingOff = kNestedCodeOff + 256 * 4;
+constexpr int kAlignPad = 1024;         // the kernel realigns its layout to 1 KB
 
 struct GemvArgs {
   const void* x;          // [M, K], T, 16-byte aligned
@@ -82,8 +83,9 @@ struct GemvArgs {
 
 // ---------------------------------------------------------------- layouts
 
-// A ring stage: [weight tile (kAsync only)][x rows][scale bytes per row].
-template <int RT, int GS, bool REGS>
+// A ring stage: [weight tile (kAsync only)][x rows][scale bytes per row]
+// [finished scales (nested only)]. All parts are multiples of 128 bytes.
+template <int RT, int GS, bool NESTED, bool REGS>
 struct StageLayout {
   static constexpr int kRows = 16 * RT;
   static constexpr int kWeightBytes = REGS ? 0 : kRows * kStageRowBytes;
@@ -91,9 +93,12 @@ struct StageLayout {
   // nested absmax at 8, and for GS = 128 the position of the first code in
   // its word at 12. Plain: the float scales of the stage (up to 8).
   static constexpr int kScaleRowBytes = GS == 32 ? 32 : 16;
+  // Nested: the fp32 scale of each (row, granule), [kRows][256 / GS].
+  static constexpr int kFinishedBytes = NESTED ? kRows * (kStageK / GS) * 4 : 0;
   __host__ __device__ static constexpr int x_off() { return kWeightBytes; }
   __host__ __device__ static constexpr int scale_off(int M) { return kWeightBytes + M * kXRowBytes; }
-  __host__ __device__ static constexpr int bytes(int M) { return scale_off(M) + kRows * kScaleRowBytes; }
+  __host__ __device__ static constexpr int finished_off(int M) { return scale_off(M) + kRows * kScaleRowBytes; }
+  __host__ __device__ static constexpr int bytes(int M) { return (finished_off(M) + kFinishedBytes + 511) / 512 * 512; }
 };
 
 // Weight tile: 16-byte chunk q of row r is stored at chunk q ^ w_swizzle(r).
@@ -113,29 +118,43 @@ __host__ __device__ constexpr int x_chunk(int r, int q) {
   return q ^ ((((q >> 3) & 1) << 1) | ((r & 1) * (GS == 32 ? 4 : 1)));
 }
 
-__host__ __device__ constexpr int stage_bytes(int rt, int gs, bool regs, int M) {
-  return (regs ? 0 : 16 * rt * kStageRowBytes) + M * kXRowBytes + 16 * rt * (gs == 32 ? 32 : 16);
+// StageLayout<...>::bytes(M) at run time (the host's view); a multiple of 512.
+__host__ __device__ constexpr int stage_bytes(int rt, int gs, bool nested, bool regs, int M) {
+  return ((regs ? 0 : 16 * rt * kStageRowBytes) + M * kXRowBytes + 16 * rt * (gs == 32 ? 32 : 16) +
+          (nested ? 16 * rt * (kStageK / gs) * 4 : 0) + 511) / 512 * 512;
 }
 
-// The two codes of byte j of w for the calling lane (lut = table + lane).
-__host__ __device__ __forceinline__ uint32_t lut_at(const uint32_t* lut, uint32_t w, int j) {
-  return lds<uint32_t>(lut + ((w >> (8 * j)) & 0xFFu) * 32);
+// The two codes of byte J of w for the calling lane; lut = the shared address
+// of the table + lane * 4 (entry b at byte b * 128): a byte extract and one
+// shift-add per lookup.
+template <int J>
+__host__ __device__ __forceinline__ uint32_t lut_at(uint32_t lut, uint32_t w) {
+  return ld_shared<uint32_t>(lut + (byte_of<J>(w) << 7));
 }
 
 // ---------------------------------------------------------------- the kernel body
 
 template <typename T, int RT, int GS, bool NESTED, bool REGS>
-__host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* smem) {
+__host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* smem_raw) {
   static_assert(RT == 1 || RT == 2, "one or two 16-row tiles per warp");
   static_assert(GS == 32 || GS == 64 || GS == 128, "granule of 32, 64 or 128 k-values");
   static_assert(!REGS || GS >= 64, "register variant: blocksize >= 64");
-  using L = StageLayout<RT, GS, REGS>;
+  using L = StageLayout<RT, GS, NESTED, REGS>;
   constexpr int G = kStageK / GS;       // granules per stage
   constexpr int WPG = GS / 32;          // words per lane, row and granule
   constexpr int ROWS = L::kRows;
   constexpr int SRB = L::kScaleRowBytes;
   constexpr int QW = GS == 32 ? 8 : 4;  // nested: code bytes copied per row and stage
   constexpr int GS_SHIFT = GS == 32 ? 5 : GS == 64 ? 6 : 7;
+  constexpr int TB = GS / 8;            // bytes of a row per lane and granule
+
+  // The layout starts at a 1 KB boundary of the shared window (the host
+  // allocates kAlignPad more), so that XOR-swizzled offsets within a stage can
+  // be applied to full addresses.
+  uint32_t smem_s = shared_addr(smem_raw);
+  const uint32_t pad = ((smem_s + (kAlignPad - 1)) & ~static_cast<uint32_t>(kAlignPad - 1)) - smem_s;
+  uint8_t* smem = smem_raw + pad;
+  smem_s += pad;
 
   const int tid = thread_index();
   const int nthreads = block_dim();
@@ -159,40 +178,59 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   const int nst = s_end - s_begin;
   const int row0 = unit * ROWS;
   const int S = a.stages, SB = a.stage_bytes;
-  uint8_t* ring = smem + kRingOff + warp * S * SB;
-  const int x_off = L::x_off(), sc_off = L::scale_off(M);
+  const int ring_off = kRingOff + warp * S * SB;  // this warp's ring
+  const int x_off = L::x_off(), sc_off = L::scale_off(M), fin_off = L::finished_off(M);
 
   // ------------------------------------------------ producer: one stage into a ring slot
+  // Lane constants of the copies: weight row 4j + l8, chunk q7 (8 lanes per
+  // 128-byte row); x chunk = lane (one row of x per instruction).
+  const int l8 = lane >> 3, q7 = lane & 7;
+  const int wdst0 = l8 * kStageRowBytes + ((q7 ^ w_swizzle(l8)) << 4);
+  const int wdst1 = l8 * kStageRowBytes + ((q7 ^ w_swizzle(4 + l8)) << 4);
+  const int xdst0 = x_chunk<GS>(0, lane) << 4, xdst1 = x_chunk<GS>(1, lane) << 4;
+  const T* xsrc = static_cast<const T*>(a.x) + lane * 8;
   auto issue = [&](int s, int slot) {
-    uint8_t* st = ring + slot * SB;
+    uint8_t* st = smem + ring_off + slot * SB;
     if constexpr (!REGS) {
-      // Weight tile: 8 lanes per 128-byte row, 4 rows per instruction.
-      const int q = lane & 7;
+      const uint8_t* wsrc = a.packed + s * kStageRowBytes + q7 * 16;
 #pragma unroll
       for (int j = 0; j < RT * 4; ++j) {
-        const int r = j * 4 + (lane >> 3);
-        const int row = row0 + r;
-        const bool ok = row < N;
-        const uint8_t* src = a.packed + (ok ? row : 0) * half_k + s * kStageRowBytes + q * 16;
-        cp_async<16, false>(st + r * kStageRowBytes + ((q ^ w_swizzle(r)) << 4), src, ok ? 16 : 0);
+        const int row = row0 + 4 * j + l8;
+        const int rc = row < N ? row : N - 1;  // rows past N: nothing read, zeros
+        cp_async<16, false>(st + j * 4 * kStageRowBytes + (j & 1 ? wdst1 : wdst0), wsrc + rc * half_k,
+                            row < N ? 16 : 0);
       }
     }
-    // x: lane = chunk of 8 k-values, one row of x per instruction.
-    const T* xs = static_cast<const T*>(a.x) + s * kStageK + lane * 8;
-    for (int m = 0; m < M; ++m)
-      cp_async<16, true>(st + x_off + m * kXRowBytes + (x_chunk<GS>(m, lane) << 4), xs + static_cast<int64_t>(m) * K,
-                         16);
+    {
+      // Row m of x goes to m * 512 + (xdst0, with the row-parity bit toggled
+      // for odd m): one add and one xor per row.
+      const T* xp = xsrc + s * kStageK;
+      uint8_t* xd = st + x_off + xdst0;
+#pragma unroll 1
+      for (int m = 0; m < M; ++m) {
+        cp_async<16, true>(xd, xp, 16);
+        xp += K;
+        xd = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(xd + kXRowBytes) ^ (xdst0 ^ xdst1));
+      }
+    }
     // Scales of the stage, one row per lane.
-    for (int r = lane; r < ROWS; r += 32) {
+    if (lane < ROWS) {
+      const int r = lane;
       const int row = row0 + r;
       const bool ok = row < N;
       const int64_t b0 = ((ok ? row : 0) * static_cast<int64_t>(K) + static_cast<int64_t>(s) * kStageK) >> a.block_shift;
       uint8_t* d = st + sc_off + r * SRB;
       if constexpr (NESTED) {
-        // The aligned word holding the stage's codes; never read past the end.
-        const int64_t bw = b0 & ~static_cast<int64_t>(QW - 1);
-        const int64_t left = a.nblocks - bw;
-        cp_async<QW, true>(d, a.s.absmax_q + bw, ok ? static_cast<int>(left < QW ? left : QW) : 0);
+        if constexpr (GS == 128) {
+          // The aligned word holding the stage's one or two codes; never read
+          // past the end of the codes.
+          const int64_t bw = b0 & ~int64_t{3};
+          const int64_t left = a.nblocks - bw;
+          cp_async<4, true>(d, a.s.absmax_q + bw, ok ? static_cast<int>(left < 4 ? left : 4) : 0);
+        } else {
+          // Blocksize 64 (32): the stage's 4 (8) codes, an aligned word.
+          cp_async<QW, true>(d, a.s.absmax_q + b0, ok ? QW : 0);
+        }
         cp_async<4, true>(d + 8, a.s.nested_absmax + (b0 >> a.s.nested_shift), ok ? 4 : 0);
         if constexpr (GS == 128) sts<uint32_t>(d + 12, static_cast<uint32_t>(b0 & 3));
       } else {
@@ -215,7 +253,7 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   // wr[rt][h][e]: row 16rt + 8h + g, 64-byte half e of the stage row. GS =
   // 128: lane t loads bytes [16t, 16t + 16) of the half, its granule share as
   // is. GS = 64 (two blocks per half): lanes t load [32(t&1) + 16(t>>1), +16)
-  // and each even/odd pair swaps 8 bytes (see exchange64), so that every lane
+  // and each even/odd pair swaps 8 bytes (in consume), so that every lane
   // ends up with its 8-byte share of both blocks.
   const int woff = GS == 128 ? 16 * t : 32 * (t & 1) + 16 * (t >> 1);
   auto load_w = [&](int s, uint4 (&wr)[RT][2][2]) {
@@ -232,11 +270,19 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   };
 
   // ------------------------------------------------ consumer: decode + mma of one stage
-  const uint32_t* lut = reinterpret_cast<const uint32_t*>(smem) + lane;
-  const float* ncode = reinterpret_cast<const float*>(smem + kNestedCodeOff);
-  const int swg = w_swizzle(g);     // rows 16rt + 8h + g all have (r & 7) == g
-  const int xr = g < M ? g : 0;     // columns >= M read row 0 (never written)
+  // Lane constants of the reads. The chunk index of every read is a lane part
+  // OR a granule/word part on disjoint bits, and the swizzles are XORs, so
+  // each address is (stage base + lane constant) ^ (compile-time constant);
+  // stages are multiples of 512 bytes from a 1 KB-aligned base, so the XOR
+  // (bits 4..8) stays within the stage.
+  const uint32_t lut = opaque(smem_s + lane * 4);
+  const int swg = w_swizzle(g);  // rows 16rt + 8h + g all have (r & 7) == g
+  const int fbase = g * kStageRowBytes + (((((t * TB) >> 4) ^ swg) << 4) | ((t * TB) & 15));
+  const int xr = g < M ? g : 0;  // columns >= M read row 0 (never written)
+  const int qt = t * (GS / 32);
+  const int xlane = xr * kXRowBytes + ((qt ^ (((qt >> 3) & 1) << 1) ^ ((xr & 1) * (GS == 32 ? 4 : 1))) << 4);
   const int rel = a.block_shift - GS_SHIFT;  // granule -> scale index shift (GS = 128 only)
+  const uint32_t ncode = smem_s + kNestedCodeOff;
   float offset = 0.0f;
   float acc[RT][4];
 #pragma unroll
@@ -245,9 +291,61 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
     for (int i = 0; i < 4; ++i) acc[rt][i] = 0.0f;
 
   auto consume = [&](int slot, const uint4 (&wr)[RT][2][2]) {
-    const uint8_t* st = ring + slot * SB;
-    const uint8_t* xs = st + x_off + xr * kXRowBytes;
-    const uint8_t* ss = st + sc_off;
+    const uint32_t st = smem_s + ring_off + slot * SB;
+    // Scales of the lane's rows, per granule.
+    float sc[RT][2][G];
+    if constexpr (NESTED) {
+      // Each (row, granule) scale is finished once, by one lane, into the
+      // slot's fp32 area; then every lane reads its rows' scales as vectors.
+      float* fin = reinterpret_cast<float*>(smem + ring_off + slot * SB + fin_off);
+#pragma unroll
+      for (int k = 0; k < ROWS * G / 32; ++k) {
+        const int item = lane + 32 * k;
+        const int c = item % G;
+        const uint32_t sr = st + sc_off + (item / G) * SRB;
+        int pos = c;
+        if constexpr (GS == 128) pos = ld_shared_u8(sr + 12) + (c >> rel);
+        const uint32_t q = ld_shared_u8(sr + pos);
+        sts<float>(fin + item, fmul_rn(ld_shared<float>(ncode + 4 * q), ld_shared<float>(sr + 8)) + offset);
+      }
+      syncwarp();
+      const uint32_t f = st + fin_off + g * G * 4;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t fr = f + (16 * rt + 8 * h) * G * 4;
+          if constexpr (G == 2) {
+            const float2 v = ld_shared<float2>(fr);
+            sc[rt][h][0] = v.x, sc[rt][h][1] = v.y;
+          } else {
+#pragma unroll
+            for (int c4 = 0; c4 < G; c4 += 4) {
+              const float4 v = ld_shared<float4>(fr + 4 * c4);
+              sc[rt][h][c4] = v.x, sc[rt][h][c4 + 1] = v.y, sc[rt][h][c4 + 2] = v.z, sc[rt][h][c4 + 3] = v.w;
+            }
+          }
+        }
+    } else {
+      const uint32_t f = st + sc_off + g * SRB;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t sr = f + (16 * rt + 8 * h) * SRB;
+          if constexpr (GS == 128) {
+            const float2 v = ld_shared<float2>(sr);  // bs >= 256: only .x was copied
+            sc[rt][h][0] = v.x;
+            sc[rt][h][1] = rel == 0 ? v.y : v.x;
+          } else {
+#pragma unroll
+            for (int c4 = 0; c4 < G; c4 += 4) {
+              const float4 v = ld_shared<float4>(sr + 4 * c4);
+              sc[rt][h][c4] = v.x, sc[rt][h][c4 + 1] = v.y, sc[rt][h][c4 + 2] = v.z, sc[rt][h][c4 + 3] = v.w;
+            }
+          }
+        }
+    }
     // kRegs, GS = 64: swap halves within lane pairs (see load_w).
     uint32_t ex[RT][2][2][4];
     if constexpr (REGS && GS == 64) {
@@ -268,24 +366,10 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
             ex[rt][h][e][3] = odd ? v.w : r1;
           }
     }
+    const uint32_t wf = st + fbase;
+    const uint32_t xf = st + x_off + xlane;
 #pragma unroll
     for (int c = 0; c < G; ++c) {
-      // Scales of the lane's rows for this granule.
-      float sc[RT][2];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* sr = ss + (16 * rt + 8 * h + g) * SRB;
-          if constexpr (NESTED) {
-            int pos = c;
-            if constexpr (GS == 128) pos = lds<uint8_t>(sr + 12) + (c >> rel);
-            const uint32_t q = lds<uint8_t>(sr + pos);
-            sc[rt][h] = fmul_rn(lds<float>(ncode + q), lds<float>(sr + 8)) + offset;
-          } else {
-            sc[rt][h] = lds<float>(sr + 4 * (GS == 128 ? (c >> rel) : c));
-          }
-        }
       // Weight words of the granule.
       uint32_t wq[RT][2][WPG];
 #pragma unroll
@@ -299,16 +383,15 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
 #pragma unroll
             for (int i = 0; i < WPG; ++i) wq[rt][h][i] = ex[rt][h][c >> 1][2 * (c & 1) + i];
           } else {
-            const int o = c * (GS / 2) + t * (GS / 8);  // byte of the row within the stage
-            const uint8_t* p = st + (16 * rt + 8 * h + g) * kStageRowBytes + ((((o >> 4) ^ swg) << 4) | (o & 15));
+            const uint32_t p = (wf ^ ((c * (GS / 32)) << 4)) + (16 * rt + 8 * h) * kStageRowBytes;
             if constexpr (GS == 128) {
-              const uint4 v = lds<uint4>(p);
+              const uint4 v = ld_shared<uint4>(p);
               wq[rt][h][0] = v.x, wq[rt][h][1] = v.y, wq[rt][h][2] = v.z, wq[rt][h][3] = v.w;
             } else if constexpr (GS == 64) {
-              const uint2 v = lds<uint2>(p);
+              const uint2 v = ld_shared<uint2>(p);
               wq[rt][h][0] = v.x, wq[rt][h][1] = v.y;
             } else {
-              wq[rt][h][0] = lds<uint32_t>(p);
+              wq[rt][h][0] = ld_shared<uint32_t>(p);
             }
           }
         }
@@ -319,8 +402,9 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
         for (int i = 0; i < 4; ++i) tmp[rt][i] = 0.0f;
 #pragma unroll
       for (int i = 0; i < WPG; ++i) {
-        const int q = c * (GS / 8) + t * (GS / 32) + i;  // the word's 8 x values
-        const uint4 xv = lds<uint4>(xs + (x_chunk<GS>(xr, q) << 4));
+        // The word's 8 x values: chunk c*GS/8 + i (compile time) | t*GS/32 (lane).
+        const int qc = c * (GS / 8) + i;
+        const uint4 xv = ld_shared<uint4>(xf ^ ((qc ^ (((qc >> 3) & 1) << 1)) << 4));
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
           const uint32_t b0 = u ? xv.z : xv.x;
@@ -328,20 +412,27 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt) {
             uint32_t af[4];
-            af[0] = lut_at(lut, wq[rt][0][i], 2 * u);
-            af[1] = lut_at(lut, wq[rt][1][i], 2 * u);
-            af[2] = lut_at(lut, wq[rt][0][i], 2 * u + 1);
-            af[3] = lut_at(lut, wq[rt][1][i], 2 * u + 1);
+            if (u == 0) {
+              af[0] = lut_at<0>(lut, wq[rt][0][i]);
+              af[1] = lut_at<0>(lut, wq[rt][1][i]);
+              af[2] = lut_at<1>(lut, wq[rt][0][i]);
+              af[3] = lut_at<1>(lut, wq[rt][1][i]);
+            } else {
+              af[0] = lut_at<2>(lut, wq[rt][0][i]);
+              af[1] = lut_at<2>(lut, wq[rt][1][i]);
+              af[2] = lut_at<3>(lut, wq[rt][0][i]);
+              af[3] = lut_at<3>(lut, wq[rt][1][i]);
+            }
             mma16816<T>(tmp[rt], af, b0, b1);
           }
         }
       }
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
-        acc[rt][0] = fmaf(tmp[rt][0], sc[rt][0], acc[rt][0]);
-        acc[rt][1] = fmaf(tmp[rt][1], sc[rt][0], acc[rt][1]);
-        acc[rt][2] = fmaf(tmp[rt][2], sc[rt][1], acc[rt][2]);
-        acc[rt][3] = fmaf(tmp[rt][3], sc[rt][1], acc[rt][3]);
+        acc[rt][0] = fmaf(tmp[rt][0], sc[rt][0][c], acc[rt][0]);
+        acc[rt][1] = fmaf(tmp[rt][1], sc[rt][0][c], acc[rt][1]);
+        acc[rt][2] = fmaf(tmp[rt][2], sc[rt][1][c], acc[rt][2]);
+        acc[rt][3] = fmaf(tmp[rt][3], sc[rt][1][c], acc[rt][3]);
       }
     }
   };
@@ -374,7 +465,10 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   // ------------------------------------------------ main loop
   int rd = 0, wrs = S - 1;
   for (int i = 0; i < nst; ++i) {
-    cp_async_wait_dyn(S - 2);
+    if (S == 3)
+      cp_async_wait<1>();
+    else
+      cp_async_wait<0>();
     syncwarp();  // every lane's copies of stage i landed; every lane is done with slot wrs
     if (i + S - 1 < nst) issue(s_begin + i + S - 1, wrs);
     cp_async_commit();
@@ -424,7 +518,7 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
 
 template <typename T, int RT, int GS, bool NESTED, bool REGS>
 __global__ void __launch_bounds__(kMaxThreads, 2) gemv_4bit_kernel(const GemvArgs a) {
-  extern __shared__ __align__(16) uint8_t gemv_smem[];
+  extern __shared__ __align__(1024) uint8_t gemv_smem[];
   gemv_block<T, RT, GS, NESTED, REGS>(a, gemv_smem);
 }
 
@@ -444,8 +538,8 @@ struct GemvPlan {
 
 // sms, smem_per_sm, smem_per_block: the device's multiprocessors, shared
 // memory per SM and the opt-in maximum per block.
-inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocksize, int sms, int smem_per_sm,
-                          int smem_per_block) {
+inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocksize, bool nested, int sms,
+                          int smem_per_sm, int smem_per_block) {
   GemvPlan p;
   if (v == Variant::kTc || M < 1 || M > kMaxM || N < 1 || K < kStageK || K % kStageK != 0) return p;
   p.gs = static_cast<int>(blocksize < 128 ? blocksize : 128);
@@ -460,10 +554,10 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   const int configs[4][2] = {{8, 3}, {8, 2}, {4, 3}, {4, 2}};
   for (const auto& cfg : configs) {
     const int warps = cfg[0], stages = cfg[1];
-    const int sb = stage_bytes(p.rt, p.gs, p.regs, M);
+    const int sb = stage_bytes(p.rt, p.gs, nested, p.regs, M);
     const int ring = warps * stages * sb;
     const int red = warps * p.rt * 4 * 32 * 4;  // the final reduction reuses the rings
-    const int smem = kRingOff + (ring > red ? ring : red);
+    const int smem = kAlignPad + kRingOff + (ring > red ? ring : red);
     if (smem > smem_per_block) continue;
     int bps = smem_per_sm / (smem + 1024);  // 1 KB reserved per block
     if (bps > 2) bps = 2;                    // __launch_bounds__(256, 2)

@@ -32,6 +32,8 @@ void cp_async_wait(int pending);
 void mma16816(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 void check_global(const void* p, int bytes, bool write);
 void check_shared(const void* p, int bytes);
+uint32_t shared_addr(const void* p);
+const void* shared_ptr(uint32_t a, int bytes);
 }  // namespace emu
 #endif
 
@@ -186,6 +188,68 @@ __host__ __device__ __forceinline__ void sts(void* p, V v) {
   *reinterpret_cast<V*>(p) = v;
 }
 
+// 32-bit shared-window addresses: the kernels compute their shared addresses
+// themselves (lane constants XOR compile-time offsets), and these loads keep
+// the compiler from re-splitting them into base + offset additions.
+__host__ __device__ __forceinline__ uint32_t shared_addr(const void* p) {
+#if defined(LOWBIT_GEMV_DEV)
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#elif defined(LOWBIT_GEMV_HOST_EMU)
+  return emu::shared_addr(p);
+#else
+  (void)p;
+  return 0;
+#endif
+}
+
+// Hides how v was computed, so that additions into it are not re-associated.
+__host__ __device__ __forceinline__ uint32_t opaque(uint32_t v) {
+#if defined(LOWBIT_GEMV_DEV)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+template <typename V>
+__host__ __device__ __forceinline__ V ld_shared(uint32_t a) {
+  static_assert(sizeof(V) == 4 || sizeof(V) == 8 || sizeof(V) == 16, "4, 8 or 16 bytes");
+#if defined(LOWBIT_GEMV_DEV)
+  V v;
+  if constexpr (sizeof(V) == 4) {
+    uint32_t r;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(a));
+    v = *reinterpret_cast<V*>(&r);
+  } else if constexpr (sizeof(V) == 8) {
+    uint2 r;
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(r.x), "=r"(r.y) : "r"(a));
+    v = *reinterpret_cast<V*>(&r);
+  } else {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+    v = *reinterpret_cast<V*>(&r);
+  }
+  return v;
+#elif defined(LOWBIT_GEMV_HOST_EMU)
+  return *static_cast<const V*>(emu::shared_ptr(a, sizeof(V)));
+#else
+  (void)a;
+  return V{};
+#endif
+}
+
+__host__ __device__ __forceinline__ uint32_t ld_shared_u8(uint32_t a) {
+#if defined(LOWBIT_GEMV_DEV)
+  uint32_t r;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(r) : "r"(a));
+  return r;
+#elif defined(LOWBIT_GEMV_HOST_EMU)
+  return *static_cast<const uint8_t*>(emu::shared_ptr(a, 1));
+#else
+  (void)a;
+  return 0;
+#endif
+}
+
 // Read-only global load through the texture path.
 template <typename V>
 __host__ __device__ __forceinline__ V ldg(const V* p) {
@@ -233,6 +297,19 @@ __host__ __device__ __forceinline__ void stg(V* p, V v) {
 }
 
 // ---------------------------------------------------------------- arithmetic
+
+// Byte J of w (one instruction: an and, a shift, or a byte permute).
+template <int J>
+__host__ __device__ __forceinline__ uint32_t byte_of(uint32_t w) {
+  static_assert(J >= 0 && J < 4, "byte 0..3");
+  if constexpr (J == 0) return w & 0xFFu;
+  if constexpr (J == 3) return w >> 24;
+#if defined(LOWBIT_GEMV_DEV)
+  return __byte_perm(w, 0u, 0x4440u + J);
+#else
+  return (w >> (8 * J)) & 0xFFu;
+#endif
+}
 
 // fp32 multiply without contraction into an FMA (the nested scale is the
 // rounded product plus the offset, as the dequantize kernels compute it).

@@ -103,6 +103,20 @@ void check_shared(const void* p, int bytes) {
   if (reinterpret_cast<uintptr_t>(q) % bytes != 0) fail("misaligned shared access");
 }
 
+// The emulated shared window: offsets into the block's buffer, starting at
+// 0x400 like the dynamic shared memory of sm_90, or at 0x430 (aligned to 16
+// bytes only, which exercises the kernel's realignment).
+uint32_t kSharedBase = 0x400;
+uint32_t shared_addr(const void* p) {
+  check_shared(p, 1);
+  return kSharedBase + static_cast<uint32_t>(static_cast<const uint8_t*>(p) - S.smem);
+}
+const void* shared_ptr(uint32_t a, int bytes) {
+  const uint8_t* p = S.smem + (a - kSharedBase);
+  check_shared(p, bytes);
+  return p;
+}
+
 static void yield(Wait w, int op) {
   Lane& L = S.lanes[S.cur];
   L.wait = w;
@@ -314,7 +328,7 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   T* out = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.N));
   for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.N; ++i) out[i] = T(NAN);
 
-  GemvPlan p = plan_gemv(c.variant, c.M, c.N, c.K, c.bs, c.sms, 228 * 1024, 227 * 1024);
+  GemvPlan p = plan_gemv(c.variant, c.M, c.N, c.K, c.bs, c.nested, c.sms, 228 * 1024, 227 * 1024);
   if (!p.ok) {
     why = "planner refused";
     return false;
@@ -357,7 +371,7 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   a.units = p.units, a.rw = p.rw, a.splits = p.splits, a.stages = p.stages, a.stage_bytes = p.stage_bytes;
 
   int ring = p.warps * p.stages * p.stage_bytes, red = p.warps * p.rt * 512;
-  const size_t smem_bytes = kRingOff + (ring > red ? ring : red);
+  const size_t smem_bytes = kAlignPad + kRingOff + (ring > red ? ring : red);
   std::vector<uint8_t> smem_store(smem_bytes + 64);
   uint8_t* smem = smem_store.data() + (64 - reinterpret_cast<uintptr_t>(smem_store.data()) % 64) % 64;
 
@@ -379,6 +393,7 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   emu::S.smem = smem;
   emu::S.smem_bytes = smem_bytes;
   emu::S.late = c.late;
+  emu::kSharedBase = (seed & 1) ? 0x400 : 0x430;  // aligned as on sm_90, or only to 16 bytes
   emu::S.rng.seed(static_cast<uint32_t>(seed));
   std::memset(smem, 0xA5, smem_bytes);  // garbage where nothing was written
 
