@@ -205,12 +205,12 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
       // Row m of x goes to m * 512 + (xdst0, with the row-parity bit toggled
       // for odd m): one add and one xor per row.
       const T* xp = xsrc + s * kStageK;
-      uint8_t* xd = st + x_off + xdst0;
+      int xo = x_off + xdst0;  // x_off is a multiple of 512: the xor stays in bits 4..6
 #pragma unroll 1
       for (int m = 0; m < M; ++m) {
-        cp_async<16, true>(xd, xp, 16);
+        cp_async<16, true>(st + xo, xp, 16);
         xp += K;
-        xd = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(xd + kXRowBytes) ^ (xdst0 ^ xdst1));
+        xo = (xo + kXRowBytes) ^ (xdst0 ^ xdst1);
       }
     }
     // Scales of the stage, one row per lane.

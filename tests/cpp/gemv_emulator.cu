@@ -372,8 +372,12 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
 
   int ring = p.warps * p.stages * p.stage_bytes, red = p.warps * p.rt * 512;
   const size_t smem_bytes = kAlignPad + kRingOff + (ring > red ? ring : red);
-  std::vector<uint8_t> smem_store(smem_bytes + 64);
-  uint8_t* smem = smem_store.data() + (64 - reinterpret_cast<uintptr_t>(smem_store.data()) % 64) % 64;
+  // The buffer sits at the same offset modulo 1 KB as its emulated shared
+  // address (as generic and shared addresses of the device agree there).
+  const uint32_t base = (seed & 1) ? 0x400 : 0x430;  // aligned as on sm_90, or only to 16 bytes
+  std::vector<uint8_t> smem_store(smem_bytes + 2048);
+  uint8_t* smem = smem_store.data() + (1024 - reinterpret_cast<uintptr_t>(smem_store.data()) % 1024) % 1024 +
+                  (base & 1023);
 
   emu::S.allocs.clear();
   auto reg = [](const void* q, size_t n, bool w) {
@@ -393,7 +397,7 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   emu::S.smem = smem;
   emu::S.smem_bytes = smem_bytes;
   emu::S.late = c.late;
-  emu::kSharedBase = (seed & 1) ? 0x400 : 0x430;  // aligned as on sm_90, or only to 16 bytes
+  emu::kSharedBase = base;
   emu::S.rng.seed(static_cast<uint32_t>(seed));
   std::memset(smem, 0xA5, smem_bytes);  // garbage where nothing was written
 
