@@ -576,9 +576,10 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   while (rw < p.warps && T / (p.warps / rw) < 8 && (p.units + 2 * rw - 1) / (2 * rw) >= slots) rw *= 2;
   p.rw = rw;
   const int64_t blocks = (p.units + rw - 1) / rw;
-  // Split K across blocks only when the units leave SMs idle.
+  // Split K across blocks only when the units leave a quarter of the SMs idle
+  // (the split costs a partial buffer and a second launch).
   int64_t splits = 1;
-  if (blocks < sms) {
+  if (blocks * 4 < static_cast<int64_t>(sms) * 3) {
     const int64_t kw = p.warps / rw;
     const int64_t max_splits = T / kw > 1 ? T / kw : 1;
     splits = (sms + blocks - 1) / blocks;
