@@ -516,8 +516,16 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   }
 }
 
+// Two blocks per SM: RT = 1 with 8 warps (128 registers), RT = 2 with 4
+// warps (its stages are twice as large, so 4 warps is what fits twice per SM;
+// the register cap rises to 255, which the two tiles' fragments need).
+template <int RT>
+constexpr int max_warps() {
+  return RT == 1 ? kMaxWarps : kMaxWarps / 2;
+}
+
 template <typename T, int RT, int GS, bool NESTED, bool REGS>
-__global__ void __launch_bounds__(kMaxThreads, 2) gemv_4bit_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(max_warps<RT>() * 32, 2) gemv_4bit_kernel(const GemvArgs a) {
   extern __shared__ __align__(1024) uint8_t gemv_smem[];
   gemv_block<T, RT, GS, NESTED, REGS>(a, gemv_smem);
 }
@@ -552,8 +560,10 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   // table fill for 8 warps) if two such blocks fit an SM; else fewer stages,
   // then fewer warps; else the first configuration that fits at all.
   const int configs[4][2] = {{8, 3}, {8, 2}, {4, 3}, {4, 2}};
+  const int warp_cap = p.rt == 1 ? max_warps<1>() : max_warps<2>();
   for (const auto& cfg : configs) {
     const int warps = cfg[0], stages = cfg[1];
+    if (warps > warp_cap) continue;
     const int sb = stage_bytes(p.rt, p.gs, nested, p.regs, M);
     const int ring = warps * stages * sb;
     const int red = warps * p.rt * 4 * 32 * 4;  // the final reduction reuses the rings
