@@ -538,7 +538,11 @@ int main(int argc, char** argv) {
           if (c.deep) c.K = any({1024, 2048, 2816});
           cases.push_back(c);
         }
-  if (quick) cases.resize(cases.size() / 4);
+  if (quick) {  // every fourth case: both variants, every blocksize
+    std::vector<Case> some;
+    for (size_t i = 0; i < cases.size(); i += 4) some.push_back(cases[i]);
+    cases.swap(some);
+  }
   int fails = 0, n = 0;
   for (const Case& c : cases) {
     std::string why;
