@@ -298,14 +298,16 @@ __host__ __device__ __forceinline__ void stg(V* p, V v) {
 
 // ---------------------------------------------------------------- arithmetic
 
-// Byte J of w (one instruction: an and, a shift, or a byte permute).
+// Byte J of w in one instruction. A prmt in asm for every J: given a plain
+// `w & 0xFF` or `w >> 24`, the compiler folds the following `<< 7` into a
+// shift-and-mask and then needs a third instruction for the table base.
 template <int J>
 __host__ __device__ __forceinline__ uint32_t byte_of(uint32_t w) {
   static_assert(J >= 0 && J < 4, "byte 0..3");
-  if constexpr (J == 0) return w & 0xFFu;
-  if constexpr (J == 3) return w >> 24;
 #if defined(LOWBIT_GEMV_DEV)
-  return __byte_perm(w, 0u, 0x4440u + J);
+  uint32_t r;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(w), "n"(0x4440 + J));
+  return r;
 #else
   return (w >> (8 * J)) & 0xFFu;
 #endif
