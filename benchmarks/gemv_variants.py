@@ -9,7 +9,7 @@ copies that they exceed twice the L2 cache, so the weight comes from HBM.
 Beside each figure: the ideal, (packed + scale bytes) / the device-to-device
 copy bandwidth measured in the same process (read + write bytes per second).
 
-  python benchmarks/gemv_variants.py [--variants async,regs,tc] [--quick] [--json out.json]
+  python benchmarks/gemv_variants.py [--variants async,regs,lut256,tc] [--quick] [--json out.json]
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 
-VARIANTS = ["async", "regs", "tc"]
+VARIANTS = ["async", "regs", "lut256", "tc"]
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 QUICK_SHAPES = [(4096, 11008), (28672, 8192)]
 MS = [1, 2, 4, 8]

@@ -154,17 +154,18 @@ at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
 
 // ---------------------------------------------------------------- decode GEMV (M <= 8)
 
-// LOWBIT_GEMV_VARIANT, read once per process: "async" (default), "regs", or
-// "tc" (no GEMV: the tensor-core kernel for M <= 8 too). Benchmarks run one
-// process per variant.
+// LOWBIT_GEMV_VARIANT, read once per process: "async" (default), "regs",
+// "lut256", or "tc" (no GEMV: the tensor-core kernel for M <= 8 too).
+// Benchmarks run one process per variant.
 cuda::gemv::Variant gemv_variant() {
   using cuda::gemv::Variant;
   static const Variant v = [] {
     const char* e = std::getenv("LOWBIT_GEMV_VARIANT");
     if (e == nullptr || *e == '\0' || std::strcmp(e, "async") == 0) return Variant::kAsync;
     if (std::strcmp(e, "regs") == 0) return Variant::kRegs;
+    if (std::strcmp(e, "lut256") == 0) return Variant::kLut256;
     if (std::strcmp(e, "tc") == 0) return Variant::kTc;
-    TORCH_WARN("lowbit: LOWBIT_GEMV_VARIANT='", e, "' is not one of async, regs, tc; using async");
+    TORCH_WARN("lowbit: LOWBIT_GEMV_VARIANT='", e, "' is not one of async, regs, lut256, tc; using async");
     return Variant::kAsync;
   }();
   return v;
@@ -195,9 +196,9 @@ void allow_smem(Kernel kernel, const cudaDeviceProp& prop) {
   done.fetch_or(bit, std::memory_order_relaxed);
 }
 
-template <typename T, int RT, int GS, bool NESTED, bool REGS>
+template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256 = false>
 void launch_gemv_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
-  auto kernel = cuda::gemv::gemv_4bit_kernel<T, RT, GS, NESTED, REGS>;
+  auto kernel = cuda::gemv::gemv_4bit_kernel<T, RT, GS, NESTED, REGS, L256>;
   allow_smem(kernel, *at::cuda::getCurrentDeviceProperties());
   kernel<<<static_cast<unsigned>(g.blocks), g.warps * 32, g.smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -205,6 +206,16 @@ void launch_gemv_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g,
 
 template <typename T, int RT, bool NESTED>
 void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  if constexpr (RT == 1) {
+    if (g.lut256) {
+      switch (g.gs) {
+        case 32: launch_gemv_k<T, 1, 32, NESTED, false, true>(a, g, stream); break;
+        case 64: launch_gemv_k<T, 1, 64, NESTED, false, true>(a, g, stream); break;
+        default: launch_gemv_k<T, 1, 128, NESTED, false, true>(a, g, stream); break;
+      }
+      return;
+    }
+  }
   switch (g.gs) {
     case 32: launch_gemv_k<T, RT, 32, NESTED, false>(a, g, stream); break;
     case 64:

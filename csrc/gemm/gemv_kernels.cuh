@@ -50,6 +50,7 @@ enum class Variant : int {
   kTc = 0,     // the general fused tensor-core kernel (gemm_4bit_tc_kernel)
   kAsync = 1,  // cp.async ring for weight, x and scales
   kRegs = 2,   // weight in registers, x and scales through the ring
+  kLut256 = 3, // kAsync with a 256-byte-stride table: one instruction less per lookup
 };
 
 constexpr int kMaxWarps = 8;
@@ -62,6 +63,9 @@ constexpr int kLutBytes = 256 * 32 * 4;    // byte -> two codes, 32 copies
 constexpr int kNestedCodeOff = kLutBytes;  // 256 floats of the nested code
 constexpr int kRingOff = kNestedCodeOff + 256 * 4;
 constexpr int kAlignPad = 1024;         // the kernel realigns its layout to 1 KB
+// kLut256: the table at a 64 KB-aligned shared address, entry b at b * 256.
+constexpr int kLut256Bytes = 256 * 256;
+constexpr int kLut256Warps = 16;
 
 struct GemvArgs {
   const void* x;          // [M, K], T, 16-byte aligned
@@ -132,13 +136,28 @@ __host__ __device__ __forceinline__ uint32_t lut_at(uint32_t lut, uint32_t w) {
   return ld_shared<uint32_t>(lut + (byte_of<J>(w) << 7));
 }
 
+// The same with the 256-byte-stride table: lut = its shared address (bits
+// 8..15 zero) + lane * 4, so one byte permute writes byte J of w into bits
+// 8..15 of lut and yields the entry's address.
+template <int J>
+__host__ __device__ __forceinline__ uint32_t lut256_at(uint32_t lut, uint32_t w) {
+#if defined(LOWBIT_GEMV_DEV)
+  uint32_t a;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(a) : "r"(w), "r"(lut), "n"(0x7604 | (J << 4)));
+  return ld_shared<uint32_t>(a);
+#else
+  return ld_shared<uint32_t>((lut & 0xFFFF00FFu) | (((w >> (8 * J)) & 0xFFu) << 8));
+#endif
+}
+
 // ---------------------------------------------------------------- the kernel body
 
-template <typename T, int RT, int GS, bool NESTED, bool REGS>
+template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256>
 __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* smem_raw) {
   static_assert(RT == 1 || RT == 2, "one or two 16-row tiles per warp");
   static_assert(GS == 32 || GS == 64 || GS == 128, "granule of 32, 64 or 128 k-values");
   static_assert(!REGS || GS >= 64, "register variant: blocksize >= 64");
+  static_assert(!L256 || (RT == 1 && !REGS), "256-byte table: kAsync with one tile per warp");
   using L = StageLayout<RT, GS, NESTED, REGS>;
   constexpr int G = kStageK / GS;       // granules per stage
   constexpr int WPG = GS / 32;          // words per lane, row and granule
@@ -178,7 +197,23 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   const int nst = s_end - s_begin;
   const int row0 = unit * ROWS;
   const int S = a.stages, SB = a.stage_bytes;
-  const int ring_off = kRingOff + warp * S * SB;  // this warp's ring
+  // Shared layout (offsets from smem). Default: [table 32 KB][nested code
+  // 1 KB][rings]. L256: rings below the first 64 KB-aligned address while
+  // they fit, then [table 64 KB][nested code 1 KB][the other rings]; the
+  // final reduction uses the table's unused upper 128 bytes of each entry.
+  int ring_off, lut_off, ncode_off;
+  if constexpr (L256) {
+    const uint32_t lut_abs = (smem_s + (kLut256Bytes - 1)) & ~static_cast<uint32_t>(kLut256Bytes - 1);
+    lut_off = static_cast<int>(lut_abs - smem_s);
+    const int ring_bytes = S * SB;
+    const int n_low = lut_off / ring_bytes;
+    ring_off = warp < n_low ? warp * ring_bytes : lut_off + kLut256Bytes + 1024 + (warp - n_low) * ring_bytes;
+    ncode_off = lut_off + kLut256Bytes;
+  } else {
+    lut_off = 0;
+    ncode_off = kNestedCodeOff;
+    ring_off = kRingOff + warp * S * SB;
+  }
   const int x_off = L::x_off(), sc_off = L::scale_off(M), fin_off = L::finished_off(M);
 
   // ------------------------------------------------ producer: one stage into a ring slot
@@ -275,14 +310,14 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   // each address is (stage base + lane constant) ^ (compile-time constant);
   // stages are multiples of 512 bytes from a 1 KB-aligned base, so the XOR
   // (bits 4..8) stays within the stage.
-  const uint32_t lut = opaque(smem_s + lane * 4);
+  const uint32_t lut = opaque(smem_s + lut_off + lane * 4);
   const int swg = w_swizzle(g);  // rows 16rt + 8h + g all have (r & 7) == g
   const int fbase = g * kStageRowBytes + (((((t * TB) >> 4) ^ swg) << 4) | ((t * TB) & 15));
   const int xr = g < M ? g : 0;  // columns >= M read row 0 (never written)
   const int qt = t * (GS / 32);
   const int xlane = xr * kXRowBytes + ((qt ^ (((qt >> 3) & 1) << 1) ^ ((xr & 1) * (GS == 32 ? 4 : 1))) << 4);
   const int rel = a.block_shift - GS_SHIFT;  // granule -> scale index shift (GS = 128 only)
-  const uint32_t ncode = smem_s + kNestedCodeOff;
+  const uint32_t ncode = smem_s + ncode_off;
   float offset = 0.0f;
   float acc[RT][4];
 #pragma unroll
@@ -413,15 +448,15 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
           for (int rt = 0; rt < RT; ++rt) {
             uint32_t af[4];
             if (u == 0) {
-              af[0] = lut_at<0>(lut, wq[rt][0][i]);
-              af[1] = lut_at<0>(lut, wq[rt][1][i]);
-              af[2] = lut_at<1>(lut, wq[rt][0][i]);
-              af[3] = lut_at<1>(lut, wq[rt][1][i]);
+              af[0] = (L256 ? lut256_at<0>(lut, wq[rt][0][i]) : lut_at<0>(lut, wq[rt][0][i]));
+              af[1] = (L256 ? lut256_at<0>(lut, wq[rt][1][i]) : lut_at<0>(lut, wq[rt][1][i]));
+              af[2] = (L256 ? lut256_at<1>(lut, wq[rt][0][i]) : lut_at<1>(lut, wq[rt][0][i]));
+              af[3] = (L256 ? lut256_at<1>(lut, wq[rt][1][i]) : lut_at<1>(lut, wq[rt][1][i]));
             } else {
-              af[0] = lut_at<2>(lut, wq[rt][0][i]);
-              af[1] = lut_at<2>(lut, wq[rt][1][i]);
-              af[2] = lut_at<3>(lut, wq[rt][0][i]);
-              af[3] = lut_at<3>(lut, wq[rt][1][i]);
+              af[0] = (L256 ? lut256_at<2>(lut, wq[rt][0][i]) : lut_at<2>(lut, wq[rt][0][i]));
+              af[1] = (L256 ? lut256_at<2>(lut, wq[rt][1][i]) : lut_at<2>(lut, wq[rt][1][i]));
+              af[2] = (L256 ? lut256_at<3>(lut, wq[rt][0][i]) : lut_at<3>(lut, wq[rt][0][i]));
+              af[3] = (L256 ? lut256_at<3>(lut, wq[rt][1][i]) : lut_at<3>(lut, wq[rt][1][i]));
             }
             mma16816<T>(tmp[rt], af, b0, b1);
           }
@@ -454,10 +489,10 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   for (int p = tid; p < 256 * 8; p += nthreads) {
     const int b = p >> 3;
     const uint32_t v = bits16<T>(ldg(a.code + (b >> 4))) | (bits16<T>(ldg(a.code + (b & 15))) << 16);
-    sts<uint4>(smem + b * 128 + (p & 7) * 16, make_uint4(v, v, v, v));
+    sts<uint4>(smem + lut_off + b * (L256 ? 256 : 128) + (p & 7) * 16, make_uint4(v, v, v, v));
   }
   if constexpr (NESTED) {
-    for (int p = tid; p < 256; p += nthreads) sts<float>(smem + kNestedCodeOff + 4 * p, ldg(a.s.nested_code + p));
+    for (int p = tid; p < 256; p += nthreads) sts<float>(smem + ncode_off + 4 * p, ldg(a.s.nested_code + p));
     offset = ldg(a.s.offset);
   }
   syncthreads();
@@ -491,18 +526,23 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
 
   // ------------------------------------------------ reduction over the K-split warps
   syncthreads();  // all rings are idle: reuse them
-  float* red = reinterpret_cast<float*>(smem + kRingOff);
+  // Float i of the reduction buffer: after the table (default), or in the
+  // upper half of table entry i / 32 (L256; 16 warps x 128 floats fit).
+  auto red_at = [&](int i) -> uint8_t* {
+    if constexpr (L256) return smem + lut_off + (i >> 5) * 256 + 128 + (i & 31) * 4;
+    return smem + kRingOff + 4 * i;
+  };
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) sts<float>(red + ((warp * RT + rt) * 4 + i) * 32 + lane, acc[rt][i]);
+    for (int i = 0; i < 4; ++i) sts<float>(red_at(((warp * RT + rt) * 4 + i) * 32 + lane), acc[rt][i]);
   syncthreads();
   constexpr int PER_UNIT = RT * 4 * 32;
   for (int q = tid; q < rw * PER_UNIT; q += nthreads) {
     const int u = q / PER_UNIT, rem = q % PER_UNIT;
     const int rt = rem / 128, i = (rem / 32) & 3, ln = rem & 31;
     float v = 0.0f;
-    for (int k = 0; k < kw; ++k) v += lds<float>(red + (((u + k * rw) * RT + rt) * 4 + i) * 32 + ln);
+    for (int k = 0; k < kw; ++k) v += lds<float>(red_at((((u + k * rw) * RT + rt) * 4 + i) * 32 + ln));
     const int un = (bid / a.splits) * rw + u;
     const int row = un * ROWS + 16 * rt + (ln >> 2) + 8 * (i >> 1);
     const int m = 2 * (ln & 3) + (i & 1);
@@ -516,18 +556,20 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   }
 }
 
-// Two blocks per SM: RT = 1 with 8 warps (128 registers), RT = 2 with 4
-// warps (its stages are twice as large, so 4 warps is what fits twice per SM;
-// the register cap rises to 255, which the two tiles' fragments need).
+// RT = 1: two 8-warp blocks per SM (128 registers). RT = 2 (stages twice as
+// large): two 4-warp blocks or one 8-warp block per SM, as the planner finds
+// more warps busy; up to 255 registers, which the two tiles' fragments need.
 template <int RT>
-constexpr int max_warps() {
-  return RT == 1 ? kMaxWarps : kMaxWarps / 2;
+constexpr int min_blocks() {
+  return RT == 1 ? 2 : 1;
 }
 
-template <typename T, int RT, int GS, bool NESTED, bool REGS>
-__global__ void __launch_bounds__(max_warps<RT>() * 32, 2) gemv_4bit_kernel(const GemvArgs a) {
+// L256: one 16-warp block per SM (64 KB of table), 128 registers as well.
+template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256>
+__global__ void __launch_bounds__(L256 ? kLut256Warps * 32 : kMaxThreads, L256 ? 1 : min_blocks<RT>())
+    gemv_4bit_kernel(const GemvArgs a) {
   extern __shared__ __align__(1024) uint8_t gemv_smem[];
-  gemv_block<T, RT, GS, NESTED, REGS>(a, gemv_smem);
+  gemv_block<T, RT, GS, NESTED, REGS, L256>(a, gemv_smem);
 }
 
 // ---------------------------------------------------------------- launch shape (host)
@@ -536,6 +578,7 @@ struct GemvPlan {
   bool ok = false;
   int rt = 1, gs = 128;
   bool regs = false;
+  bool lut256 = false;
   int warps = kMaxWarps;
   int stages = 3;
   int stage_bytes = 0;
@@ -559,21 +602,42 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   // Ring depth 3 (two stages in flight per warp) and 8 warps per block (one
   // table fill for 8 warps) if two such blocks fit an SM; else fewer stages,
   // then fewer warps; else the first configuration that fits at all.
-  const int configs[4][2] = {{8, 3}, {8, 2}, {4, 3}, {4, 2}};
-  const int warp_cap = p.rt == 1 ? max_warps<1>() : max_warps<2>();
-  for (const auto& cfg : configs) {
-    const int warps = cfg[0], stages = cfg[1];
-    if (warps > warp_cap) continue;
-    const int sb = stage_bytes(p.rt, p.gs, nested, p.regs, M);
-    const int ring = warps * stages * sb;
-    const int red = warps * p.rt * 4 * 32 * 4;  // the final reduction reuses the rings
-    const int smem = kAlignPad + kRingOff + (ring > red ? ring : red);
-    if (smem > smem_per_block) continue;
-    int bps = smem_per_sm / (smem + 1024);  // 1 KB reserved per block
-    if (bps > 2) bps = 2;                    // __launch_bounds__(256, 2)
-    if (bps > p.blocks_per_sm) {
-      p.warps = warps, p.stages = stages, p.stage_bytes = sb, p.smem = smem, p.blocks_per_sm = bps;
-      if (bps == 2) break;
+  p.lut256 = v == Variant::kLut256 && p.rt == 1;
+  if (p.lut256) {
+    // One block per SM: 16 warps if they fit (64 KB table, nested code, the
+    // rings, and one ring of slack for the part below the table it may waste).
+    const int configs[4][2] = {{kLut256Warps, 3}, {kLut256Warps, 2}, {8, 3}, {8, 2}};
+    for (const auto& cfg : configs) {
+      const int warps = cfg[0], stages = cfg[1];
+      const int sb = stage_bytes(1, p.gs, nested, false, M);
+      const int smem = kAlignPad + kLut256Bytes + 1024 + (warps + 1) * stages * sb;
+      if (smem > smem_per_block || smem + 1024 > smem_per_sm) continue;
+      p.warps = warps, p.stages = stages, p.stage_bytes = sb, p.smem = smem, p.blocks_per_sm = 1;
+      break;
+    }
+  } else {
+    // Among the shapes that fit, the one that keeps the most warps busy on
+    // this N (blocks beyond the resident slots wait), then the deeper ring.
+    const int configs[4][2] = {{8, 3}, {8, 2}, {4, 3}, {4, 2}};
+    const int64_t units = (N + 16 * p.rt - 1) / (16 * p.rt);
+    int64_t best = -1;
+    for (const auto& cfg : configs) {
+      const int warps = cfg[0], stages = cfg[1];
+      const int sb = stage_bytes(p.rt, p.gs, nested, p.regs, M);
+      const int ring = warps * stages * sb;
+      const int red = warps * p.rt * 4 * 32 * 4;  // the final reduction reuses the rings
+      const int smem = kAlignPad + kRingOff + (ring > red ? ring : red);
+      if (smem > smem_per_block) continue;
+      int bps = smem_per_sm / (smem + 1024);  // 1 KB reserved per block
+      const int cap = p.rt == 1 ? 2 : 8 / warps;  // the kernels' launch bounds
+      if (bps > cap) bps = cap;
+      if (bps < 1) continue;
+      const int64_t slots = static_cast<int64_t>(sms) * bps;
+      const int64_t busy = (units < slots ? units : slots) * warps;
+      if (busy > best) {
+        best = busy;
+        p.warps = warps, p.stages = stages, p.stage_bytes = sb, p.smem = smem, p.blocks_per_sm = bps;
+      }
     }
   }
   if (p.blocks_per_sm < 1) return p;
@@ -581,18 +645,28 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   p.units = static_cast<int>((N + 16 * p.rt - 1) / (16 * p.rt));
   const int64_t slots = static_cast<int64_t>(sms) * p.blocks_per_sm;
   // More units per block (fewer warps per unit) while each warp would
-  // otherwise stream fewer than 8 stages and the blocks still fill every slot.
+  // otherwise stream fewer than 8 stages and the blocks still fill every
+  // slot, or when that turns two waves of blocks into one that still fills
+  // three quarters of the slots (idle SMs are idle issue slots).
   int rw = 1;
-  while (rw < p.warps && T / (p.warps / rw) < 8 && (p.units + 2 * rw - 1) / (2 * rw) >= slots) rw *= 2;
+  while (rw < p.warps) {
+    const int64_t blocks_now = (p.units + rw - 1) / rw, blocks_next = (p.units + 2 * rw - 1) / (2 * rw);
+    const bool few_stages = T / (p.warps / rw) < 8 && blocks_next >= slots;
+    const bool one_wave = blocks_now > slots && blocks_next <= slots && blocks_next * 4 >= slots * 3;
+    if (!few_stages && !one_wave) break;
+    rw *= 2;
+  }
   p.rw = rw;
   const int64_t blocks = (p.units + rw - 1) / rw;
   // Split K across blocks only when the units leave a quarter of the SMs idle
-  // (the split costs a partial buffer and a second launch).
+  // (the split costs a partial buffer and a second launch), and never past
+  // one wave of blocks.
   int64_t splits = 1;
   if (blocks * 4 < static_cast<int64_t>(sms) * 3) {
     const int64_t kw = p.warps / rw;
     const int64_t max_splits = T / kw > 1 ? T / kw : 1;
     splits = (sms + blocks - 1) / blocks;
+    if (splits * blocks > slots) splits = slots / blocks > 1 ? slots / blocks : 1;
     if (splits > max_splits) splits = max_splits;
   }
   p.splits = static_cast<int>(splits);

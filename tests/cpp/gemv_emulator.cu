@@ -371,7 +371,8 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   a.units = p.units, a.rw = p.rw, a.splits = p.splits, a.stages = p.stages, a.stage_bytes = p.stage_bytes;
 
   int ring = p.warps * p.stages * p.stage_bytes, red = p.warps * p.rt * 512;
-  const size_t smem_bytes = kAlignPad + kRingOff + (ring > red ? ring : red);
+  const size_t smem_bytes =
+      p.lut256 ? static_cast<size_t>(p.smem) : static_cast<size_t>(kAlignPad + kRingOff + (ring > red ? ring : red));
   // The buffer sits at the same offset modulo 1 KB as its emulated shared
   // address (as generic and shared addresses of the device agree there).
   const uint32_t base = (seed & 1) ? 0x400 : 0x430;  // aligned as on sm_90, or only to 16 bytes
@@ -403,8 +404,9 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
 
   std::function<void()> body;
   const int gs = p.gs;
-#define LOWBIT_EMU_BODY(RT_, GS_, NESTED_, REGS_) \
-  body = [&] { gemv_block<T, RT_, GS_, NESTED_, REGS_>(a, smem); }
+#define LOWBIT_EMU_BODY(RT_, GS_, NESTED_, REGS_)                                                  \
+  body = p.lut256 ? std::function<void()>([&] { gemv_block<T, RT_, GS_, NESTED_, REGS_, RT_ == 1 && !REGS_>(a, smem); }) \
+                  : std::function<void()>([&] { gemv_block<T, RT_, GS_, NESTED_, REGS_, false>(a, smem); })
   auto pick = [&](auto rt_c) {
     constexpr int RT_ = decltype(rt_c)::value;
     if (gs == 32) {
@@ -494,9 +496,10 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   std::vector<Case> cases;
   if (argc == 14 && std::string(argv[1]) == "--case") {
-    // --case async|regs bf16 nested bs M N K sms bias late warps deep
+    // --case async|regs|lut256 bf16 nested bs M N K sms bias late warps deep
     Case c{};
-    c.variant = std::string(argv[2]) == "regs" ? Variant::kRegs : Variant::kAsync;
+    const std::string vs = argv[2];
+    c.variant = vs == "regs" ? Variant::kRegs : vs == "lut256" ? Variant::kLut256 : Variant::kAsync;
     c.bf16 = std::atoi(argv[3]);
     c.nested = std::atoi(argv[4]);
     c.bs = std::atoi(argv[5]);
@@ -517,7 +520,7 @@ int main(int argc, char** argv) {
   auto any = [&](std::initializer_list<int> v) { return *(v.begin() + pick() % v.size()); };
   // Structured coverage: every template instance (dtype, RT by M, GS by
   // blocksize, nested, variant), both copy timings, odd N, K splits.
-  for (Variant v : {Variant::kAsync, Variant::kRegs})
+  for (Variant v : {Variant::kAsync, Variant::kRegs, Variant::kLut256})
     for (int bs : {32, 64, 128, 256, 1024})
       for (bool nested : {false, true})
         for (int M : {1, 3, 5, 8}) {
@@ -549,7 +552,7 @@ int main(int argc, char** argv) {
     const uint64_t seed = 1000 + n;
     const bool ok = run_case(c, seed, why);
     std::printf("%s %-5s %s bs=%-4d %s M=%d N=%-3d K=%-4d sms=%-2d bias=%d %s warps=%d%s %s\n", ok ? "PASS" : "FAIL",
-                c.variant == Variant::kAsync ? "async" : "regs", c.bf16 ? "bf16" : "fp16", c.bs,
+                c.variant == Variant::kAsync ? "async" : c.variant == Variant::kRegs ? "regs" : "lut256", c.bf16 ? "bf16" : "fp16", c.bs,
                 c.nested ? "nested" : "plain ", c.M, c.N, c.K, c.sms, c.bias, c.late ? "late " : "early",
                 c.warps_override, c.deep ? " deep" : "", why.c_str());
     std::fflush(stdout);
