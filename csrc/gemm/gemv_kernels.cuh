@@ -22,12 +22,14 @@
 //    splitk_reduce_kernel, summed in split order).
 //  - Data: every warp has its own ring of S stages in shared memory, fed with
 //    cp.async (no registers held by loads in flight): per stage the x slice
-//    [M, 256] and the stage's scale bytes, and (variant kAsync) the weight tile
-//    [16 * RT, 128 bytes] itself. Only __syncwarp orders a warp's ring; the
-//    block synchronizes only around the table fill and the final reduction.
-//  - Variant kRegs keeps the weight in registers instead (16-byte
-//    ld.global.nc, one stage ahead, plus an L2 prefetch S - 1 stages ahead),
-//    with x and scales in the ring.
+//    [M, 256] and the stage's scale bytes, and (kAsync, kLut256) the weight
+//    tile [16 * RT, 128 bytes] itself. Only __syncwarp orders a warp's ring;
+//    the block synchronizes only around the table fill and the reduction.
+//  - kRegs keeps the weight in registers instead (16-byte ld.global.nc, one
+//    stage ahead, plus an L2 prefetch S - 1 stages ahead), with x and scales
+//    in the ring.
+//  - kLut256 is kAsync with the table at a 256-byte stride at a 64 KB-aligned
+//    shared address, so that one byte permute forms each lookup address.
 //
 // Lane layout of a granule (GS = min(blocksize, 128) k-values of one row, GS/2
 // bytes): lane t (0..3) of the row's 4-lane group owns bytes

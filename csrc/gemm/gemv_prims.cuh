@@ -136,16 +136,6 @@ __host__ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// The same for a pending count known only at run time (0..3).
-__host__ __device__ __forceinline__ void cp_async_wait_dyn(int pending) {
-  switch (pending) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    default: cp_async_wait<3>(); break;
-  }
-}
-
 // ---------------------------------------------------------------- tensor cores
 // d += a * b, m16n8k16, fp32 accumulators; T = c10::BFloat16 or c10::Half.
 template <typename T>
