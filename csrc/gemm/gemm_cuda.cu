@@ -1,6 +1,8 @@
 // CUDA implementations of the 4-bit matmul ops. The path is chosen on the host
 // from M (rows of the activation, a host value: no synchronization):
-//   gemm_4bit   M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
+//   gemm_4bit   M <= 8, fp16/bf16, K % 256 == 0, aligned: decode GEMV
+//               (gemv_kernels.cuh; LOWBIT_GEMV_VARIANT picks the kernel)
+//               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
 //   gemm_4bit_t M <= 4, fp16/bf16, K % 16 == 0: fused transposed GEMV
 //               otherwise: dequantize + cuBLAS
@@ -10,8 +12,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #include "gemm/gemm_common.h"
 #include "gemm/gemm_kernels.cuh"
+#include "gemm/gemv_kernels.cuh"
 #include "quantize/scale_args.cuh"
 
 namespace lowbit {
@@ -145,6 +152,132 @@ at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
   return out;
 }
 
+// ---------------------------------------------------------------- decode GEMV (M <= 8)
+
+// LOWBIT_GEMV_VARIANT, read once per process: "async" (default), "regs",
+// "lut256", or "tc" (no GEMV: the tensor-core kernel for M <= 8 too).
+// Benchmarks run one process per variant.
+cuda::gemv::Variant gemv_variant() {
+  using cuda::gemv::Variant;
+  static const Variant v = [] {
+    const char* e = std::getenv("LOWBIT_GEMV_VARIANT");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "async") == 0) return Variant::kAsync;
+    if (std::strcmp(e, "regs") == 0) return Variant::kRegs;
+    if (std::strcmp(e, "lut256") == 0) return Variant::kLut256;
+    if (std::strcmp(e, "tc") == 0) return Variant::kTc;
+    TORCH_WARN("lowbit: LOWBIT_GEMV_VARIANT='", e, "' is not one of async, regs, lut256, tc; using async");
+    return Variant::kAsync;
+  }();
+  return v;
+}
+
+bool gemv_eligible(const GemmPlan& p) {
+  const auto dt = p.a.scalar_type();
+  if (!(dt == at::kHalf || dt == at::kBFloat16) || p.M > cuda::gemv::kMaxM || p.N > INT32_MAX ||
+      p.K % cuda::gemv::kStageK != 0 || p.K > INT32_MAX)
+    return false;
+  if (!cuda::aligned16(p.a.const_data_ptr()) || !cuda::aligned16(p.w.packed.const_data_ptr())) return false;
+  // The scale copies are 16-byte (plain float scales) or 8-byte (nested
+  // codes) cp.async, which need aligned sources.
+  if (p.w.nested()) return (reinterpret_cast<uintptr_t>(p.w.absmax.const_data_ptr()) & 7u) == 0;
+  return cuda::aligned16(p.w.absmax.const_data_ptr());
+}
+
+// Dynamic shared memory above 48 KB must be allowed per kernel and device;
+// allowing the device's maximum once covers every launch.
+template <typename Kernel>
+void allow_smem(Kernel kernel, const cudaDeviceProp& prop) {
+  static std::atomic<uint64_t> done{0};  // one bit per device
+  const int dev = at::cuda::current_device();
+  const uint64_t bit = uint64_t{1} << (dev & 63);
+  if (done.load(std::memory_order_relaxed) & bit) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(prop.sharedMemPerBlockOptin)));
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256 = false>
+void launch_gemv_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  auto kernel = cuda::gemv::gemv_4bit_kernel<T, RT, GS, NESTED, REGS, L256>;
+  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties());
+  kernel<<<static_cast<unsigned>(g.blocks), g.warps * 32, g.smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int RT, bool NESTED>
+void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  if constexpr (RT == 1) {
+    if (g.lut256) {
+      switch (g.gs) {
+        case 32: launch_gemv_k<T, 1, 32, NESTED, false, true>(a, g, stream); break;
+        case 64: launch_gemv_k<T, 1, 64, NESTED, false, true>(a, g, stream); break;
+        default: launch_gemv_k<T, 1, 128, NESTED, false, true>(a, g, stream); break;
+      }
+      return;
+    }
+  }
+  switch (g.gs) {
+    case 32: launch_gemv_k<T, RT, 32, NESTED, false>(a, g, stream); break;
+    case 64:
+      if (g.regs) launch_gemv_k<T, RT, 64, NESTED, true>(a, g, stream);
+      else launch_gemv_k<T, RT, 64, NESTED, false>(a, g, stream);
+      break;
+    default:
+      if (g.regs) launch_gemv_k<T, RT, 128, NESTED, true>(a, g, stream);
+      else launch_gemv_k<T, RT, 128, NESTED, false>(a, g, stream);
+      break;
+  }
+}
+
+template <typename T>
+void launch_gemv(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, bool nested, cudaStream_t stream) {
+  if (g.rt == 1) {
+    if (nested) launch_gemv_gs<T, 1, true>(a, g, stream);
+    else launch_gemv_gs<T, 1, false>(a, g, stream);
+  } else {
+    if (nested) launch_gemv_gs<T, 2, true>(a, g, stream);
+    else launch_gemv_gs<T, 2, false>(a, g, stream);
+  }
+}
+
+at::Tensor gemv(const GemmPlan& p, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  const int64_t M = p.M, N = p.N;
+  at::Tensor out = at::empty({M, N}, p.a.options());
+  at::Tensor partial;
+  cuda::gemv::GemvArgs a{};
+  a.x = p.a.const_data_ptr();
+  a.packed = p.w.packed.const_data_ptr<uint8_t>();
+  a.code = p.w.code.const_data_ptr<float>();
+  a.s = scale_args(p.w);
+  a.block_shift = log2_int(p.w.blocksize);
+  a.nblocks = p.w.nblocks;
+  a.bias = p.bias.defined() ? p.bias.const_data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  if (g.splits > 1) {
+    partial = at::empty({g.splits, M, N}, p.a.options().dtype(at::kFloat));
+    a.partial = partial.data_ptr<float>();
+  }
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.K = static_cast<int>(p.K);
+  a.units = g.units;
+  a.rw = g.rw;
+  a.splits = g.splits;
+  a.stages = g.stages;
+  a.stage_bytes = g.stage_bytes;
+  const bool nested = p.w.nested();
+  LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_gemv", [&] {
+    launch_gemv<scalar_t>(a, g, nested, stream);
+    if (g.splits > 1) {
+      const int64_t n = M * N;
+      cuda::gemm::splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
+          a.partial, g.splits, n, N, static_cast<const scalar_t*>(a.bias), out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
 at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const at::Tensor& code, int64_t blocksize, int64_t N, int64_t K,
                           const std::optional<at::Tensor>& nested_absmax,
@@ -160,6 +293,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
     return out.reshape(p.out_shape);
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (gemv_eligible(p)) {
+    const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+    const cuda::gemv::GemvPlan g = cuda::gemv::plan_gemv(
+        gemv_variant(), static_cast<int>(p.M), N, K, p.w.blocksize, p.w.nested(), prop.multiProcessorCount,
+        static_cast<int>(prop.sharedMemPerMultiprocessor), static_cast<int>(prop.sharedMemPerBlockOptin));
+    if (g.ok) return gemv(p, g, stream).reshape(p.out_shape);
+  }
   if (tc_eligible(p)) return gemm_tc(p, stream).reshape(p.out_shape);
   // Large M (or shapes the fused kernel does not take): the weight in x's
   // dtype from the caching allocator, then one cuBLAS call.
