@@ -24,18 +24,17 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const float lr_value = plan.lr.item<float>();
   const float* c1 = plan.code1.const_data_ptr<float>();
   const float* c2 = plan.code2.const_data_ptr<float>();
-  for (AdamTensor& t : plan.tensors) {
+  for (const AdamTensor& t : plan.tensors) {
     if (t.n == 0) continue;
-    const core::AdamWScalars s =
-        core::make_scalars(lr_value, t.step.item<float>(), beta1, beta2, eps, weight_decay);
-    LOWBIT_DISPATCH_FLOAT_TYPES(t.p.scalar_type(), "adamw8bit_step_cpu", [&] {
-      scalar_t* p = t.p.data_ptr<scalar_t>();
-      const scalar_t* g = t.g.const_data_ptr<scalar_t>();
+    const core::AdamWScalars s = core::make_scalars(lr_value, *t.step, beta1, beta2, eps, weight_decay);
+    LOWBIT_DISPATCH_FLOAT_TYPES(t.dtype, "adamw8bit_step_cpu", [&] {
+      scalar_t* p = static_cast<scalar_t*>(t.p);
+      const scalar_t* g = static_cast<const scalar_t*>(t.g);
       if (t.eight_bit) {
-        uint8_t* q1 = t.s1.data_ptr<uint8_t>();
-        uint8_t* q2 = t.s2.data_ptr<uint8_t>();
-        float* a1 = t.a1.data_ptr<float>();
-        float* a2 = t.a2.data_ptr<float>();
+        uint8_t* q1 = static_cast<uint8_t*>(t.s1);
+        uint8_t* q2 = static_cast<uint8_t*>(t.s2);
+        float* a1 = t.a1;
+        float* a2 = t.a2;
         const int64_t nblocks = ceil_div(t.n, core::kAdamBlock);
         at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
@@ -45,8 +44,8 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
           }
         });
       } else {
-        float* m = t.s1.data_ptr<float>();
-        float* v = t.s2.data_ptr<float>();
+        float* m = static_cast<float*>(t.s1);
+        float* v = static_cast<float*>(t.s2);
         at::parallel_for(0, t.n, kGrainBlocks * core::kAdamBlock, [&](int64_t i0, int64_t i1) {
           core::adamw32_range(s, p + i0, g + i0, m + i0, v + i0, i1 - i0);
         });

@@ -3,6 +3,9 @@
 // current stream. No host synchronization: lr may be a device tensor (read by
 // the kernel) or a CPU tensor (read here on the host), steps are read by the
 // kernel.
+//
+// Host cost per parameter is what bounds a step of many small tensors (LoRA
+// adapters), so the plan holds raw pointers (optim_common.h).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,7 +26,7 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
                   cudaStream_t stream) {
   size_t pos = 0;
   while (pos < group.size()) {
-    cuda::AdamTensorList tl{};
+    cuda::AdamTensorList tl;  // filled up to `count`; the kernel reads no further
     int64_t chunks = 0;
     int count = 0;
     for (; pos < group.size() && count < cuda::kMaxTensors; ++pos) {
@@ -32,20 +35,20 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
       // Grid x is limited to 2^31 - 1 blocks; start a new launch well before.
       if (count > 0 && chunks + tchunks > (int64_t{1} << 30)) break;
       TORCH_CHECK(tchunks < (int64_t{1} << 30), lowbit::message(kAdamOp, ": a parameter of ", t.n, " elements is too large"));
-      tl.p[count] = t.p.data_ptr();
-      tl.g[count] = t.g.const_data_ptr();
-      tl.s1[count] = t.s1.data_ptr();
-      tl.s2[count] = t.s2.data_ptr();
-      tl.a1[count] = t.eight_bit ? t.a1.data_ptr<float>() : nullptr;
-      tl.a2[count] = t.eight_bit ? t.a2.data_ptr<float>() : nullptr;
-      tl.step[count] = t.step.const_data_ptr<float>();
+      tl.p[count] = t.p;
+      tl.g[count] = t.g;
+      tl.s1[count] = t.s1;
+      tl.s2[count] = t.s2;
+      tl.a1[count] = t.a1;  // nullptr for float32 states
+      tl.a2[count] = t.a2;
+      tl.step[count] = t.step;
       tl.n[count] = t.n;
       tl.chunk_start[count] = static_cast<int32_t>(chunks);
       uint8_t flags = 0;
       if (t.eight_bit) flags |= cuda::kEightBit;
       // 8-element vector accesses: 16 bytes for 16-bit params, 2x16 for fp32.
-      if (aligned(tl.p[count], 16) && aligned(tl.g[count], 16)) flags |= cuda::kVecParam;
-      if (aligned(tl.s1[count], 8) && aligned(tl.s2[count], 8)) flags |= cuda::kVecState;
+      if (aligned(t.p, 16) && aligned(t.g, 16)) flags |= cuda::kVecParam;
+      if (aligned(t.s1, 8) && aligned(t.s2, 8)) flags |= cuda::kVecState;
       tl.flags[count] = flags;
       chunks += tchunks;
       ++count;
@@ -90,7 +93,7 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   for (const AdamTensor& t : plan.tensors) {
     if (t.n == 0) continue;
     any_eight_bit |= t.eight_bit;
-    const int k = t.p.scalar_type() == at::kFloat ? 0 : (t.p.scalar_type() == at::kHalf ? 1 : 2);
+    const int k = t.dtype == at::kFloat ? 0 : (t.dtype == at::kHalf ? 1 : 2);
     by_type[k].push_back(&t);
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
