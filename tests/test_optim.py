@@ -675,6 +675,8 @@ def test_opcheck(device):
     names = ["params", "grads", "state1", "state2", "absmax1", "absmax2", "steps", "lr", "code1", "code2", "beta1",
              "beta2", "eps", "weight_decay"]
     torch.library.opcheck(torch.ops.lowbit.adamw8bit_step.default, tuple(args[k] for k in names))
+    # counting the steps itself (the optimizer's call) and numbering messages from index_base
+    torch.library.opcheck(torch.ops.lowbit.adamw8bit_step.default, tuple(args[k] for k in names) + (256, True, 7))
 
 
 def test_opcheck_is_managed_cpu():
@@ -855,6 +857,68 @@ def test_kept_step_lists_follow_grads_and_reloaded_states(device):
     opt_b._step_cache.clear()
     opt_b.step()
     assert torch.equal(extra_a, extra_b)
+
+
+# ---------------------------------------------------------------- host path: step counts and checks
+
+
+def _op_case(device, shapes=((5000,), (0,), (300,), (64, 80)), seed=0):
+    """Parameters, gradients and random states for a direct op call (one empty parameter)."""
+    torch.manual_seed(seed)
+    ps = [torch.randn(s, device=device) for s in shapes]
+    gs = [torch.randn(s, device=device) for s in shapes]
+    sts = []
+    for s in shapes:
+        n = math.prod(s)
+        st = random_state(n, s, n >= 4096, "cpu", step=3)
+        sts.append({k: v.to(device) for k, v in st.items()})
+    return ps, gs, sts
+
+
+def _op_lists(ps, gs, sts, device, **kw):
+    args = dict(params=ps, grads=gs, state1=[s["state1"] for s in sts], state2=[s["state2"] for s in sts],
+                absmax1=[s["absmax1"] for s in sts], absmax2=[s["absmax2"] for s in sts],
+                steps=[s["step"] for s in sts], lr=torch.tensor(1e-3), code1=get_dynamic_map(True, device),
+                code2=get_dynamic_map(False, device), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize("device", devices())
+def test_op_increment_steps_equals_foreach_add_first(device):
+    """increment_steps=True gives what torch._foreach_add_(steps, 1) before the
+    call gave, bit for bit, the empty parameter's step count included."""
+    a = _op_case(device)
+    b = copy.deepcopy(a)
+    torch._foreach_add_([s["step"] for s in a[2]], 1.0)
+    ops.adamw8bit_step(**_op_lists(*a, device))
+    ops.adamw8bit_step(**_op_lists(*b, device), increment_steps=True)
+    for i, (pa, pb, sa, sb) in enumerate(zip(a[0], b[0], a[2], b[2])):
+        assert_bitwise(pa, pb, f"param {i}")
+        assert_state_equal(sa, sb, f"param {i}")
+        assert sa["step"].item() == sb["step"].item() == 4.0, f"param {i}"
+
+
+@pytest.mark.parametrize("device", devices())
+def test_op_rejected_call_changes_nothing(device):
+    """Every parameter is checked before any is written: a fault in the last
+    one leaves the others, their states and their step counts untouched."""
+    ps, gs, sts = _op_case(device)
+    before = copy.deepcopy((ps, sts))
+    gs[-1] = gs[-1].double()
+    with pytest.raises(ValueError, match=r"argument 'grads\[3\]' must have dtype Float, got Double"):
+        ops.adamw8bit_step(**_op_lists(ps, gs, sts, device), increment_steps=True)
+    for i, (p, st, p0, st0) in enumerate(zip(ps, sts, *before)):
+        assert_bitwise(p, p0, f"param {i}")
+        assert_state_equal(st, st0, f"param {i}")
+        assert st["step"].item() == st0["step"].item()
+
+
+def test_op_index_base_numbers_messages():
+    ps, gs, sts = _op_case("cpu")
+    sts[2]["state2"] = sts[2]["state2"][:-1]
+    with pytest.raises(ValueError, match=r"argument 'state2\[37\]' must have 300 elements, got 299"):
+        ops.adamw8bit_step(**_op_lists(ps, gs, sts, "cpu"), index_base=35)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")

@@ -156,7 +156,7 @@ inline AdamPlan plan_adamw8bit(at::TensorList params, at::TensorList grads, at::
                                at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                                at::TensorList steps, const at::Tensor& lr, const at::Tensor& code1,
                                const at::Tensor& code2, double beta1, double beta2, double eps, double weight_decay,
-                               int64_t blocksize) {
+                               int64_t blocksize, int64_t index_base) {
   const size_t np = params.size();
   check_list_size("grads", grads.size(), np);
   check_list_size("state1", state1.size(), np);
@@ -190,8 +190,8 @@ inline AdamPlan plan_adamw8bit(at::TensorList params, at::TensorList grads, at::
   for (size_t i = 0; i < np; ++i) {
     if (C10_UNLIKELY(!check_param<false>(0, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i],
                                          steps[i], lr, code1))) {
-      check_param<true>(static_cast<int64_t>(i), params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i],
-                        steps[i], lr, code1);
+      check_param<true>(index_base + static_cast<int64_t>(i), params[i], grads[i], state1[i], state2[i], absmax1[i],
+                        absmax2[i], steps[i], lr, code1);
       TORCH_INTERNAL_ASSERT(false, kAdamOp, ": the fast and the explaining checks of parameter ", i, " disagree");
     }
   }

@@ -17,10 +17,14 @@ constexpr int64_t kGrainBlocks = 64;
 void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                         at::TensorList absmax1, at::TensorList absmax2, at::TensorList steps, const at::Tensor& lr,
                         const at::Tensor& code1, const at::Tensor& code2, double beta1, double beta2, double eps,
-                        double weight_decay, int64_t blocksize) {
+                        double weight_decay, int64_t blocksize, bool increment_steps, int64_t index_base) {
   AdamPlan plan = plan_adamw8bit(params, grads, state1, state2, absmax1, absmax2, steps, lr, code1, code2, beta1,
-                                 beta2, eps, weight_decay, blocksize);
+                                 beta2, eps, weight_decay, blocksize, index_base);
   if (plan.tensors.empty()) return;
+  // All counts first, then the updates: as torch._foreach_add_(steps, 1)
+  // followed by the op, also when a step tensor appears twice.
+  if (increment_steps)
+    for (const AdamTensor& t : plan.tensors) *t.step = *t.step + 1.0f;
   const float lr_value = plan.lr.item<float>();
   const float* c1 = plan.code1.const_data_ptr<float>();
   const float* c2 = plan.code2.const_data_ptr<float>();
