@@ -22,9 +22,19 @@ constexpr int kAdamThreads = 256;
 constexpr int kAdamWarps = kAdamThreads / 32;
 constexpr int kBlocksPerWarp = 8;  // 256-element blocks per warp per chunk
 constexpr int64_t kChunk = int64_t{kAdamWarps} * kBlocksPerWarp * core::kAdamBlock;  // 16384
-// Keeps the argument struct under the classic 4 KiB kernel-parameter limit.
+// Parameters per launch. CUDA 12.1 raised the kernel-parameter limit from
+// 4 KiB to 32764 bytes (Volta and newer; lowbit builds for sm_80+): 448
+// tensors cover the LoRA adapters of a 7B model (7 projections x 32 layers x
+// A and B) in one launch, and a 256-tensor full fine-tuning step in one
+// launch instead of six. The structs are passed as __grid_constant__, so the
+// kernel reads them in place from the constant bank, however it indexes them.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kMaxParamBytes = 32764;
+constexpr int kMaxTensors = 448;
+#else
 constexpr int kMaxParamBytes = 4096;
 constexpr int kMaxTensors = 48;
+#endif
 
 enum : uint8_t { kEightBit = 1, kVecParam = 2, kVecState = 4 };
 
@@ -217,12 +227,25 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
 // At most 64 registers: four blocks (32 warps) per SM keep enough loads in flight.
 template <typename T>
 __global__ void __launch_bounds__(kAdamThreads, 4)
-    adamw_multi_tensor_kernel(const AdamTensorList tl, const AdamArgs args, const uint8_t* __restrict__ table) {
+    adamw_multi_tensor_kernel(const __grid_constant__ AdamTensorList tl, const AdamArgs args,
+                              const uint8_t* __restrict__ table) {
   __shared__ __align__(16) SharedMaps sm;
 
-  // Which tensor this block works on: a short scan of the chunk prefix sums.
+  // Which tensor this block works on: the last t with chunk_start[t] <= blockIdx.x,
+  // by bisection of the chunk prefix sums (strictly increasing: no tensor of
+  // a launch is empty).
   int t = 0;
-  while (t + 1 < tl.count && static_cast<int32_t>(blockIdx.x) >= tl.chunk_start[t + 1]) ++t;
+  {
+    const int32_t b = static_cast<int32_t>(blockIdx.x);
+    int hi = tl.count - 1;
+    while (t < hi) {
+      const int mid = (t + hi + 1) >> 1;
+      if (tl.chunk_start[mid] <= b)
+        t = mid;
+      else
+        hi = mid - 1;
+    }
+  }
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) - tl.chunk_start[t];
   const int64_t n = tl.n[t];
   const uint8_t flags = tl.flags[t];
