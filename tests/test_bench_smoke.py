@@ -89,3 +89,16 @@ def test_linear_layers_compute_the_same_function():
         y1, y2 = lowbit_layer(x).float(), peft_layer(x).float()
     # NF4 error of the base weight bounds the difference
     assert (y1 - y2).abs().max() <= 0.1 * y2.abs().max(), (y1 - y2).abs().max()
+
+
+def test_optim_host_through_bench_entry_point(tmp_path, capsys, monkeypatch):
+    bench = _load("bench")
+    out = tmp_path / "h.json"
+    monkeypatch.syspath_prepend(BENCH)
+    threads = torch.get_num_threads()
+    bench.main(["--mode", "optim-host", "--json", str(out), "--", "--tensors", "8", "--iters", "3", "--warmup", "1"])
+    assert torch.get_num_threads() == threads
+    d = json.loads(out.read_text())
+    assert {(r["states"], r["row"]) for r in d["rows"]} == {(s, r) for s in ("float32", "8-bit")
+                                                           for r in ("step", "python", "op")}
+    assert "us/tensor" in capsys.readouterr().out
