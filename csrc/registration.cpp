@@ -61,14 +61,20 @@ TORCH_LIBRARY(lowbit, m) {
   // are m and v, either uint8 codes (params' numel; m in code1, the signed
   // map, v in code2, the unsigned map) with float32 absmax1[i]/absmax2[i] per
   // block of `blocksize` (= 256), or float32 with empty absmax. steps[i] is a
-  // float32 scalar holding the step count including this step (>= 1). lr is a
-  // float32 scalar on the params' device or the CPU. Decay is applied before
-  // the update (torch.optim.AdamW's order); a non-finite gradient element
-  // leaves its parameter and states unchanged.
+  // float32 scalar holding the step count including this step (>= 1); with
+  // increment_steps the op first adds 1 to every steps[i] itself (as
+  // torch._foreach_add_(steps, 1) before the call would: the optimizer's way,
+  // which spares it a second pass over the list). lr is a float32 scalar on
+  // the params' device or the CPU. Decay is applied before the update
+  // (torch.optim.AdamW's order); a non-finite gradient element leaves its
+  // parameter and states unchanged. All arguments are checked before anything
+  // is written: a rejected call changes nothing. index_base only numbers the
+  // parameters in messages (params[index_base + i]), for a caller that passes
+  // one slice of its list per call.
   m.def(
       "adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
-      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor[] steps, Tensor lr, Tensor code1, Tensor code2, "
-      "float beta1, float beta2, float eps, float weight_decay, int blocksize=256) -> ()");
+      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor(f!)[] steps, Tensor lr, Tensor code1, Tensor code2, "
+      "float beta1, float beta2, float eps, float weight_decay, int blocksize=256, bool increment_steps=False, int index_base=0) -> ()");
   // uint8 [nbytes] in CUDA managed memory on `device`, freed with the tensor;
   // refuses to allocate more than the device has free.
   m.def("alloc_managed(int nbytes, Device device) -> Tensor");

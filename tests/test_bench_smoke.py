@@ -169,3 +169,16 @@ def test_bench_fsdp_timeout_kills_the_whole_process_group(tmp_path):
             return
         time.sleep(0.05)
     pytest.fail(f"the worker's child {child} survived the timeout (state {state})")
+
+
+def test_optim_host_through_bench_entry_point(tmp_path, capsys, monkeypatch):
+    bench = _load("bench")
+    out = tmp_path / "h.json"
+    monkeypatch.syspath_prepend(BENCH)
+    threads = torch.get_num_threads()
+    bench.main(["--mode", "optim-host", "--json", str(out), "--", "--tensors", "8", "--iters", "3", "--warmup", "1"])
+    assert torch.get_num_threads() == threads
+    d = json.loads(out.read_text())
+    assert {(r["states"], r["row"]) for r in d["rows"]} == {(s, r) for s in ("float32", "8-bit")
+                                                           for r in ("step", "python", "op")}
+    assert "us/tensor" in capsys.readouterr().out

@@ -675,6 +675,8 @@ def test_opcheck(device):
     names = ["params", "grads", "state1", "state2", "absmax1", "absmax2", "steps", "lr", "code1", "code2", "beta1",
              "beta2", "eps", "weight_decay"]
     torch.library.opcheck(torch.ops.lowbit.adamw8bit_step.default, tuple(args[k] for k in names))
+    # counting the steps itself (the optimizer's call) and numbering messages from index_base
+    torch.library.opcheck(torch.ops.lowbit.adamw8bit_step.default, tuple(args[k] for k in names) + (256, True, 7))
 
 
 def test_opcheck_is_managed_cpu():
@@ -855,6 +857,155 @@ def test_kept_step_lists_follow_grads_and_reloaded_states(device):
     opt_b._step_cache.clear()
     opt_b.step()
     assert torch.equal(extra_a, extra_b)
+
+
+# ---------------------------------------------------------------- host path: step counts, checks, split calls
+
+
+def _op_case(device, shapes=((5000,), (0,), (300,), (64, 80)), seed=0):
+    """Parameters, gradients and random states for a direct op call (one empty parameter)."""
+    torch.manual_seed(seed)
+    ps = [torch.randn(s, device=device) for s in shapes]
+    gs = [torch.randn(s, device=device) for s in shapes]
+    sts = []
+    for s in shapes:
+        n = math.prod(s)
+        st = random_state(n, s, n >= 4096, "cpu", step=3)
+        sts.append({k: v.to(device) for k, v in st.items()})
+    return ps, gs, sts
+
+
+def _op_lists(ps, gs, sts, device, **kw):
+    args = dict(params=ps, grads=gs, state1=[s["state1"] for s in sts], state2=[s["state2"] for s in sts],
+                absmax1=[s["absmax1"] for s in sts], absmax2=[s["absmax2"] for s in sts],
+                steps=[s["step"] for s in sts], lr=torch.tensor(1e-3), code1=get_dynamic_map(True, device),
+                code2=get_dynamic_map(False, device), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize("device", devices())
+def test_op_increment_steps_equals_foreach_add_first(device):
+    """increment_steps=True gives what torch._foreach_add_(steps, 1) before the
+    call gave, bit for bit, the empty parameter's step count included."""
+    a = _op_case(device)
+    b = copy.deepcopy(a)
+    torch._foreach_add_([s["step"] for s in a[2]], 1.0)
+    ops.adamw8bit_step(**_op_lists(*a, device))
+    ops.adamw8bit_step(**_op_lists(*b, device), increment_steps=True)
+    for i, (pa, pb, sa, sb) in enumerate(zip(a[0], b[0], a[2], b[2])):
+        assert_bitwise(pa, pb, f"param {i}")
+        assert_state_equal(sa, sb, f"param {i}")
+        assert sa["step"].item() == sb["step"].item() == 4.0, f"param {i}"
+
+
+@pytest.mark.parametrize("device", devices())
+def test_op_rejected_call_changes_nothing(device):
+    """Every parameter is checked before any is written: a fault in the last
+    one leaves the others, their states and their step counts untouched."""
+    ps, gs, sts = _op_case(device)
+    before = copy.deepcopy((ps, sts))
+    gs[-1] = gs[-1].double()
+    with pytest.raises(ValueError, match=r"argument 'grads\[3\]' must have dtype Float, got Double"):
+        ops.adamw8bit_step(**_op_lists(ps, gs, sts, device), increment_steps=True)
+    for i, (p, st, p0, st0) in enumerate(zip(ps, sts, *before)):
+        assert_bitwise(p, p0, f"param {i}")
+        assert_state_equal(st, st0, f"param {i}")
+        assert st["step"].item() == st0["step"].item()
+
+
+def test_op_index_base_numbers_messages():
+    ps, gs, sts = _op_case("cpu")
+    sts[2]["state2"] = sts[2]["state2"][:-1]
+    with pytest.raises(ValueError, match=r"argument 'state2\[37\]' must have 300 elements, got 299"):
+        ops.adamw8bit_step(**_op_lists(ps, gs, sts, "cpu"), index_base=35)
+
+
+def test_call_slices():
+    from lowbit.optim import adamw
+    big = [4096 * 1024] * 256  # full fine-tuning, 1.07e9 parameters: 4 + 32 + 220 tensors per call
+    assert adamw._call_slices(big) == [(0, 4), (4, 36), (36, 256)]
+    lora = [16 * 4096, 4096 * 16] * 224  # 2^24 elements in the first call, the rest in the second
+    assert adamw._call_slices(lora) == [(0, 256), (256, 448)]
+    assert adamw._call_slices([16] * 448) == [(0, 448)]  # under 2^24 elements: one call
+    assert adamw._call_slices([]) == [(0, 0)]
+    assert adamw._call_slices([1 << 26]) == [(0, 1)]
+    mixed = [1 << 27, 4096, 4096, 1 << 25, 1 << 25]  # a large first tensor makes its own call
+    assert adamw._call_slices(mixed) == [(0, 1), (1, 5)]
+
+
+def _split_everywhere(monkeypatch, first=2000):
+    from lowbit.optim import adamw
+    monkeypatch.setattr(adamw, "_split_calls", lambda device: True)
+    monkeypatch.setattr(adamw, "_FIRST_CALL_ELEMS", first)
+    monkeypatch.setattr(adamw, "_CALL_GROWTH", 1)
+
+
+def test_split_calls_equal_one_call(monkeypatch):
+    """A step split into several op calls (as on CUDA for large parameters)
+    equals the step in one call, bit for bit, over several steps."""
+    shapes = [(64, 80), (300,), (0,), (16, 16), (4096 + 7,), (70, 70), (5000,), (12,)]
+    torch.manual_seed(5)
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = AdamW8bit(a, lr=1e-2, min_8bit_size=256)
+    opt_b = AdamW8bit(b, lr=1e-2, min_8bit_size=256)
+    for step in range(4):
+        gs = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        with monkeypatch.context() as m:
+            _split_everywhere(m)
+            opt_b._step_cache.clear()
+            opt_b.step()
+            slices = opt_b._collect(0, opt_b.param_groups[0], "AdamW8bit")[torch.device("cpu")]["slices"]
+            assert len(slices) >= 3, slices
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert torch.equal(p, q), f"step {step} param {i}"
+            assert_state_equal(opt_a.state[p], opt_b.state[q], f"step {step} param {i}")
+            assert opt_a.state[p]["step"].item() == opt_b.state[q]["step"].item() == step + 1
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_kept_lists_still_checked(monkeypatch, split):
+    """The optimizer keeps its argument lists between steps, but the op checks
+    them on every call: a parameter whose size or layout changed in place
+    (p.data = ...) is still refused, named by its index in the full list,
+    and a rejected call leaves its parameters and their step counts as they were."""
+    if split:
+        _split_everywhere(monkeypatch, first=100)
+    shapes = [(64, 80), (300,), (16, 16), (70, 70)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = AdamW8bit(ps, lr=1e-2, min_8bit_size=256)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if split:
+        assert len(opt._step_cache[0]["per_device"][torch.device("cpu")]["slices"]) > 1
+    for change, match in (
+        (lambda p: torch.randn(71, 70), r"argument 'grads\[3\]' has shape \[70, 70\] but 'params\[3\]' has shape "
+                                        r"\[71, 70\]"),
+        (lambda p: torch.randn(70, 70).t(), r"argument 'params\[3\]' must be contiguous"),
+        (lambda p: torch.randn(70 * 71)[: 70 * 70].view(70, 70), None),  # still contiguous: fine
+    ):
+        last = ps[3]
+        kept = last.data
+        last.data = change(last)
+        before = [p.detach().clone() for p in ps]
+        steps = [opt.state[p]["step"].item() for p in ps]
+        if match is None:
+            opt.step()
+        else:
+            with pytest.raises(ValueError, match=match):
+                opt.step()
+            # the call that held parameter 3 changed nothing; split calls before it did their part
+            assert torch.equal(ps[3], before[3]) and opt.state[ps[3]]["step"].item() == steps[3]
+            if not split:
+                assert all(torch.equal(p, q) for p, q in zip(ps, before))
+                assert [opt.state[p]["step"].item() for p in ps] == steps
+        last.data = kept
+    opt.step()
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")

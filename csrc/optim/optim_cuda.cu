@@ -1,8 +1,12 @@
 // CUDA implementation of lowbit.adamw8bit_step: parameters are grouped by
 // dtype and packed kMaxTensors at a time into multi-tensor launches on the
 // current stream. No host synchronization: lr may be a device tensor (read by
-// the kernel) or a CPU tensor (read here on the host), steps are read by the
-// kernel.
+// the kernel) or a CPU tensor (read here on the host), steps are read (and,
+// with increment_steps, counted) by the kernels.
+//
+// Host cost per parameter is what bounds a step of many small tensors (LoRA
+// adapters), so the plan holds raw pointers (optim_common.h) and each launch
+// goes out as soon as its tensors are packed.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,7 +27,7 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
                   cudaStream_t stream) {
   size_t pos = 0;
   while (pos < group.size()) {
-    cuda::AdamTensorList tl{};
+    cuda::AdamTensorList tl;  // filled up to `count`; the kernel reads no further
     int64_t chunks = 0;
     int count = 0;
     for (; pos < group.size() && count < cuda::kMaxTensors; ++pos) {
@@ -32,20 +36,20 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
       // Grid x is limited to 2^31 - 1 blocks; start a new launch well before.
       if (count > 0 && chunks + tchunks > (int64_t{1} << 30)) break;
       TORCH_CHECK(tchunks < (int64_t{1} << 30), lowbit::message(kAdamOp, ": a parameter of ", t.n, " elements is too large"));
-      tl.p[count] = t.p.data_ptr();
-      tl.g[count] = t.g.const_data_ptr();
-      tl.s1[count] = t.s1.data_ptr();
-      tl.s2[count] = t.s2.data_ptr();
-      tl.a1[count] = t.eight_bit ? t.a1.data_ptr<float>() : nullptr;
-      tl.a2[count] = t.eight_bit ? t.a2.data_ptr<float>() : nullptr;
-      tl.step[count] = t.step.const_data_ptr<float>();
+      tl.p[count] = t.p;
+      tl.g[count] = t.g;
+      tl.s1[count] = t.s1;
+      tl.s2[count] = t.s2;
+      tl.a1[count] = t.a1;  // nullptr for float32 states
+      tl.a2[count] = t.a2;
+      tl.step[count] = t.step;
       tl.n[count] = t.n;
       tl.chunk_start[count] = static_cast<int32_t>(chunks);
       uint8_t flags = 0;
       if (t.eight_bit) flags |= cuda::kEightBit;
       // 8-element vector accesses: 16 bytes for 16-bit params, 2x16 for fp32.
-      if (aligned(tl.p[count], 16) && aligned(tl.g[count], 16)) flags |= cuda::kVecParam;
-      if (aligned(tl.s1[count], 8) && aligned(tl.s2[count], 8)) flags |= cuda::kVecState;
+      if (aligned(t.p, 16) && aligned(t.g, 16)) flags |= cuda::kVecParam;
+      if (aligned(t.s1, 8) && aligned(t.s2, 8)) flags |= cuda::kVecState;
       tl.flags[count] = flags;
       chunks += tchunks;
       ++count;
@@ -62,11 +66,11 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
 void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
                          at::TensorList absmax1, at::TensorList absmax2, at::TensorList steps, const at::Tensor& lr,
                          const at::Tensor& code1, const at::Tensor& code2, double beta1, double beta2, double eps,
-                         double weight_decay, int64_t blocksize) {
+                         double weight_decay, int64_t blocksize, bool increment_steps, int64_t index_base) {
   c10::cuda::OptionalCUDAGuard guard;
   if (code1.is_cuda()) guard.set_device(code1.device());
   AdamPlan plan = plan_adamw8bit(params, grads, state1, state2, absmax1, absmax2, steps, lr, code1, code2, beta1,
-                                 beta2, eps, weight_decay, blocksize);
+                                 beta2, eps, weight_decay, blocksize, index_base);
   if (plan.tensors.empty()) return;
   LOWBIT_CHECK(code1.is_cuda(), kAdamOp, ": argument 'code1' must be on the parameters' CUDA device, got ",
                code1.device());
@@ -90,19 +94,32 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   for (const AdamTensor& t : plan.tensors) {
     if (t.n == 0) continue;
     any_eight_bit |= t.eight_bit;
-    const int k = t.p.scalar_type() == at::kFloat ? 0 : (t.p.scalar_type() == at::kHalf ? 1 : 2);
+    const int k = t.dtype == at::kFloat ? 0 : (t.dtype == at::kHalf ? 1 : 2);
     by_type[k].push_back(&t);
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // The encode tables of this call's maps (see build_map_cells_kernel): a few
-  // microseconds, on the stream, from the caching allocator.
+  // The prologue, on the stream before every update: the encode tables of
+  // this call's maps (see build_map_cells; a few microseconds, scratch from
+  // the caching allocator) and, with increment_steps, the step counts (all of
+  // them, an empty parameter's too, before any update reads one).
   at::Tensor table;
   const uint8_t* table_ptr = nullptr;
   if (any_eight_bit) {
     table = at::empty({cuda::kTableBytes}, plan.code1.options().dtype(at::kByte));
-    cuda::build_map_cells_kernel<<<2, 1024, 0, stream>>>(args.code1, args.code2, table.data_ptr<uint8_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     table_ptr = table.const_data_ptr<uint8_t>();
+  }
+  const size_t nsteps = increment_steps ? plan.tensors.size() : 0;
+  size_t done = 0;
+  bool tables_pending = any_eight_bit;
+  while (tables_pending || done < nsteps) {
+    cuda::AdamStepList sl;  // filled up to `count`
+    int count = 0;
+    for (; done < nsteps && count < cuda::kMaxSteps; ++done) sl.step[count++] = plan.tensors[done].step;
+    sl.count = count;
+    cuda::adam_prologue_kernel<<<2, 1024, 0, stream>>>(args.code1, args.code2,
+                                                       tables_pending ? table.data_ptr<uint8_t>() : nullptr, sl);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tables_pending = false;
   }
   if (!by_type[0].empty()) launch_group<float>(by_type[0], args, table_ptr, stream);
   if (!by_type[1].empty()) launch_group<c10::Half>(by_type[1], args, table_ptr, stream);

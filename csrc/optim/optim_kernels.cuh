@@ -8,6 +8,8 @@
 // 8-bit chunk each warp owns whole 256-element absmax blocks (4 + 4 elements
 // per lane, coalesced vector loads), so the block absmax is a warp shuffle
 // reduction.
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
@@ -20,8 +22,19 @@ constexpr int kAdamThreads = 256;
 constexpr int kAdamWarps = kAdamThreads / 32;
 constexpr int kBlocksPerWarp = 8;  // 256-element blocks per warp per chunk
 constexpr int64_t kChunk = int64_t{kAdamWarps} * kBlocksPerWarp * core::kAdamBlock;  // 16384
-// Keeps the argument struct under the classic 4 KiB kernel-parameter limit.
+// Parameters per launch. CUDA 12.1 raised the kernel-parameter limit from
+// 4 KiB to 32764 bytes (Volta and newer; lowbit builds for sm_80+): 448
+// tensors cover the LoRA adapters of a 7B model (7 projections x 32 layers x
+// A and B) in one launch, and a 256-tensor full fine-tuning step in one
+// launch instead of six. The structs are passed as __grid_constant__, so the
+// kernel reads them in place from the constant bank, however it indexes them.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kMaxParamBytes = 32764;
+constexpr int kMaxTensors = 448;
+#else
+constexpr int kMaxParamBytes = 4096;
 constexpr int kMaxTensors = 48;
+#endif
 
 enum : uint8_t { kEightBit = 1, kVecParam = 2, kVecState = 4 };
 
@@ -47,6 +60,18 @@ struct AdamArgs {
   double beta1, beta2, eps, weight_decay;
 };
 
+static_assert(sizeof(AdamTensorList) + sizeof(AdamArgs) + sizeof(const uint8_t*) <= kMaxParamBytes,
+              "adamw_multi_tensor_kernel's arguments exceed the kernel-parameter limit");
+
+// The step counts the prologue kernel increments, kMaxSteps per launch.
+constexpr int kMaxSteps = (kMaxParamBytes - 64) / 8 - 1;
+struct AdamStepList {
+  float* step[kMaxSteps];
+  int32_t count;
+};
+static_assert(sizeof(AdamStepList) + 3 * sizeof(void*) <= kMaxParamBytes,
+              "adam_prologue_kernel's arguments exceed the kernel-parameter limit");
+
 // The 8-bit encode uses the cell tables of core::build_map_cells (one byte
 // and one float lookup per element instead of a binary search). A small
 // kernel builds them for the maps of this call into a scratch buffer; each
@@ -58,13 +83,12 @@ constexpr int kTableMidOffset = 2 * kCellBytes;                  // mid1, mid2: 
 constexpr int kTableFlagOffset = kTableMidOffset + 2 * 256 * 4;  // int32 per map: 1 = served by the table
 constexpr int kTableBytes = kTableFlagOffset + 16;
 
-// One block per map; every entry of the buffer is written, so it needs no clearing.
-__global__ void __launch_bounds__(1024) build_map_cells_kernel(const float* __restrict__ code1,
-                                                               const float* __restrict__ code2,
-                                                               uint8_t* __restrict__ table) {
+// Block `map` (0: code1, 1: code2) of a 1024-thread launch builds that map's
+// table; every entry of the buffer is written, so it needs no clearing.
+__device__ __forceinline__ void build_map_cells(const float* __restrict__ code1, const float* __restrict__ code2,
+                                                uint8_t* __restrict__ table, int map) {
   __shared__ float code[256];
   __shared__ uint32_t cells[256];
-  const int map = blockIdx.x;
   const float* src = map == 0 ? code1 : code2;
   float* mid = reinterpret_cast<float*>(table + kTableMidOffset) + 256 * map;
   uint8_t* count = table + kCellBytes * map;
@@ -86,6 +110,20 @@ __global__ void __launch_bounds__(1024) build_map_cells_kernel(const float* __re
   // Through the padding too (entries no cell reaches): the update kernel copies whole 16-byte words.
   for (int o = i; o < kCellBytes; o += blockDim.x) count[o] = core::map_cell_count(cells, o);
   if (i == 0) reinterpret_cast<int*>(table + kTableFlagOffset)[map] = all_ok ? 1 : 0;
+}
+
+// Runs before the update kernels of a call, on the same stream: builds the
+// encode tables (when `table` is set; 2 blocks of 1024 threads) and adds 1 to
+// each listed step count. atomicAdd: a step tensor listed twice is counted
+// twice, as torch._foreach_add_ would; either way the float addition is the
+// same correctly rounded x + 1.
+__global__ void __launch_bounds__(1024) adam_prologue_kernel(const float* __restrict__ code1,
+                                                             const float* __restrict__ code2,
+                                                             uint8_t* __restrict__ table,
+                                                             const __grid_constant__ AdamStepList steps) {
+  if (table != nullptr && blockIdx.x < 2) build_map_cells(code1, code2, table, blockIdx.x);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < steps.count; i += gridDim.x * blockDim.x)
+    atomicAdd(steps.step[i], 1.0f);
 }
 
 __device__ __forceinline__ uint32_t load4_u8(const uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec) {
@@ -189,12 +227,25 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
 // At most 64 registers: four blocks (32 warps) per SM keep enough loads in flight.
 template <typename T>
 __global__ void __launch_bounds__(kAdamThreads, 4)
-    adamw_multi_tensor_kernel(const AdamTensorList tl, const AdamArgs args, const uint8_t* __restrict__ table) {
+    adamw_multi_tensor_kernel(const __grid_constant__ AdamTensorList tl, const AdamArgs args,
+                              const uint8_t* __restrict__ table) {
   __shared__ __align__(16) SharedMaps sm;
 
-  // Which tensor this block works on: a short scan of the chunk prefix sums.
+  // Which tensor this block works on: the last t with chunk_start[t] <= blockIdx.x,
+  // by bisection of the chunk prefix sums (strictly increasing: no tensor of
+  // a launch is empty).
   int t = 0;
-  while (t + 1 < tl.count && static_cast<int32_t>(blockIdx.x) >= tl.chunk_start[t + 1]) ++t;
+  {
+    const int32_t b = static_cast<int32_t>(blockIdx.x);
+    int hi = tl.count - 1;
+    while (t < hi) {
+      const int mid = (t + hi + 1) >> 1;
+      if (tl.chunk_start[mid] <= b)
+        t = mid;
+      else
+        hi = mid - 1;
+    }
+  }
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) - tl.chunk_start[t];
   const int64_t n = tl.n[t];
   const uint8_t flags = tl.flags[t];

@@ -215,7 +215,7 @@ def gemm_4bit_t(
 
 @torch.library.register_fake("lowbit::adamw8bit_step")
 def _(params, grads, state1, state2, absmax1, absmax2, steps, lr, code1, code2, beta1, beta2, eps, weight_decay,
-      blocksize=256):
+      blocksize=256, increment_steps=False, index_base=0):
     # The step is in place: a fake kernel that returns quietly on a mixed
     # meta/real call would skip the update, so refuse it as the real kernel
     # refuses arguments on different devices. lr may stay on the CPU.
@@ -266,11 +266,19 @@ def adamw8bit_step(
     eps: float,
     weight_decay: float,
     blocksize: int = 256,
+    increment_steps: bool = False,
+    index_base: int = 0,
 ) -> None:
-    """One AdamW step in place for a list of parameters (see csrc/core/adamw8bit.h for the math)."""
+    """One AdamW step in place for a list of parameters (see csrc/core/adamw8bit.h for the math).
+
+    steps[i] holds the step count including this step; with increment_steps
+    the op first adds 1 to each of them itself. index_base numbers the
+    parameters in error messages (params[index_base + i]).
+    """
     _lib.adamw8bit_step(
         list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2), list(steps), lr, code1,
-        code2, float(beta1), float(beta2), float(eps), float(weight_decay), blocksize,
+        code2, float(beta1), float(beta2), float(eps), float(weight_decay), blocksize, bool(increment_steps),
+        int(index_base),
     )
 
 

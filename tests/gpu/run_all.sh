@@ -30,6 +30,10 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   done
 fi
 
+step "adam host check"
+PYTHONPATH="python:${PYTHONPATH:-}" python3 tests/gpu/adam_host_check.py 2>&1 | tee "$LOG_DIR/adam_host_check.log" | tail -12
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 if [ -n "${BENCH_MODE:-}" ]; then
   step "benchmarks ($BENCH_MODE)"
   PYTHONPATH="python:${PYTHONPATH:-}" python3 benchmarks/bench.py --mode "$BENCH_MODE" --json "$LOG_DIR/bench.json" 2>&1 | tee "$LOG_DIR/bench.log" || status=1
