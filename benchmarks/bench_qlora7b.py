@@ -189,8 +189,7 @@ def run_config(model, opt, device, vocab, batch, seq, steps, warmup, opts="plain
     oom = False
     step = lambda ids: train_step(model, opt, ids, opts)  # noqa: E731
     if graph:
-        # Two eager warm-up steps (the second checked for host syncs), the
-        # capture in the third (all untimed).
+        # Two eager warm-up steps, the capture in the third (all untimed).
         step = lowbit.CUDAGraphStep(step, opt, warmup=2)
         warmup = max(warmup, 3)
     try:

@@ -100,7 +100,7 @@ def test_shape_change_and_capture_failure_are_clear():
         return loss
 
     # Caught in the last warm-up call, before any capture is attempted.
-    bad = CUDAGraphStep(syncing_step, opt, warmup=2)
+    bad = CUDAGraphStep(syncing_step, opt, warmup=2, check_sync=True)
     ids = torch.randint(0, 256, (2, 48), device="cuda")
     bad(ids)
     with pytest.raises(RuntimeError, match=r"step_fn waits for the GPU.*cannot be captured"):

@@ -184,10 +184,12 @@ bool gemv_eligible(const GemmPlan& p) {
 }
 
 // Dynamic shared memory above 48 KB must be allowed per kernel and device;
-// allowing the device's maximum once covers every launch.
+// allowing the device's maximum once covers every launch of that kernel.
+// `done` belongs to one kernel (the caller's instantiation holds it): every
+// kernel here has the same type, so a static in this function would be one
+// flag for all of them.
 template <typename Kernel>
-void allow_smem(Kernel kernel, const cudaDeviceProp& prop) {
-  static std::atomic<uint64_t> done{0};  // one bit per device
+void allow_smem(Kernel kernel, const cudaDeviceProp& prop, std::atomic<uint64_t>& done) {
   const int dev = at::cuda::current_device();
   const uint64_t bit = uint64_t{1} << (dev & 63);
   if (done.load(std::memory_order_relaxed) & bit) return;
@@ -198,8 +200,9 @@ void allow_smem(Kernel kernel, const cudaDeviceProp& prop) {
 
 template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256 = false>
 void launch_gemv_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  static std::atomic<uint64_t> done{0};  // one bit per device, for this instantiation
   auto kernel = cuda::gemv::gemv_4bit_kernel<T, RT, GS, NESTED, REGS, L256>;
-  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties());
+  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties(), done);
   kernel<<<static_cast<unsigned>(g.blocks), g.warps * 32, g.smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -65,15 +65,18 @@ class CUDAGraphStep:
             GPU, or for debugging).
         check_sync: run the last warm-up call (with warmup >= 2) under
             torch.cuda.set_sync_debug_mode("error"), so that an operation that
-            waits for the GPU (and would break the capture) raises there, with
-            its own traceback, before any capture is attempted. A capture
-            that fails part-way leaves PyTorch's CUDA random generator in a
-            capturing state, so later random ops in the process fail; this
-            check catches the usual culprits first.
+            waits for the GPU raises there, with its own traceback, before
+            any capture is attempted (a capture that fails part-way leaves
+            PyTorch's CUDA random generator in a capturing state, so later
+            random ops in the process fail). Off by default: libraries may
+            synchronize only outside a capture (transformers' mask helpers
+            check their inputs eagerly and skip the check while a stream is
+            capturing), which this eager check cannot tell apart; switch it
+            on to vet a step function of your own.
     """
 
     def __init__(self, step_fn: Callable[..., Optional[torch.Tensor]], optimizer: Optional[torch.optim.Optimizer] = None,
-                 *, warmup: int = 3, enabled: bool = True, check_sync: bool = True):
+                 *, warmup: int = 3, enabled: bool = True, check_sync: bool = False):
         if not callable(step_fn):
             raise TypeError(f"CUDAGraphStep: step_fn must be callable, got {type(step_fn).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
