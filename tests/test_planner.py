@@ -112,6 +112,23 @@ def test_llama2_7b_near_the_reference_points(batch, seq, reference_gb):
     assert p.reserved > p.peak_allocated
 
 
+# Peaks lowbit's 7B benchmark measured on an H100 (torch.cuda.max_memory_allocated,
+# GiB; benchmarks/RESULTS.md, 2026-11-28): (chunked_ce, offload, batch, seq, peak).
+MEASURED_7B = [
+    (False, False, 1, 512, 4.24), (False, False, 1, 2048, 5.12), (False, False, 4, 2048, 8.91),
+    (True, False, 1, 512, 4.24), (True, False, 1, 2048, 4.96), (True, False, 4, 2048, 8.25),
+    (True, True, 1, 512, 4.23), (True, True, 1, 2048, 4.62), (True, True, 4, 2048, 6.45),
+    (True, True, 1, 32768, 13.82),
+]
+
+
+@pytest.mark.parametrize("ce,offload,batch,seq,peak_gib", MEASURED_7B)
+def test_llama2_7b_within_10_percent_of_measured_peaks(ce, offload, batch, seq, peak_gib):
+    p = plan_memory("llama2-7b", batch_size=batch, seq_len=seq, lora_r=16, lora_dropout=0.05, chunked_ce=ce,
+                    offload_checkpoints=offload)
+    assert abs(p.peak_allocated / 2**30 - peak_gib) / peak_gib < 0.10
+
+
 def test_monotone_and_options_help():
     base = dict(batch_size=2, seq_len=1024)
     p = plan_memory("llama2-7b", **base)
