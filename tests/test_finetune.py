@@ -87,9 +87,11 @@ def test_trains_saves_and_resumes(tiny, tmp_path, capsys):
     assert loaded[key].lora_B.abs().sum() > 0  # trained, not the zero init
 
     # --resume continues the step count and the loss history.
-    assert finetune.main(_args(tiny, out, "--steps", "6", "--resume")) == 0
+    # (--cuda-graph on the CPU: noted, and every step runs eagerly)
+    assert finetune.main(_args(tiny, out, "--steps", "6", "--resume", "--cuda-graph")) == 0
     text = capsys.readouterr().out
     assert "resuming from step 4" in text
+    assert "--cuda-graph: training on the CPU, so every step runs eagerly" in text
     ckpt2 = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt2["step"] == 6 and ckpt2["losses"][:4] == ckpt["losses"]
     assert ckpt2["scheduler"]["last_epoch"] == 6
