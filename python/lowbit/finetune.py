@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, about a third slower")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each training step from a CUDA graph (lowbit.CUDAGraphStep; GPU only): much faster "
-                        "when the step is bound by kernel launches (small models, short sequences)")
+                   help="replay each training step from a CUDA graph (lowbit.CUDAGraphStep; GPU only): for steps "
+                        "bound by kernel launches (small models, short sequences)")
     p.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
