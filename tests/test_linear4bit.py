@@ -322,3 +322,15 @@ def test_bf16_compute_matches_fp32_adapters():
     assert bf16[-10:].mean() < 0.8 * bf16[:5].mean()  # it learns
     rel = (bf16 - fp32).abs() / fp32
     assert rel.max() < 0.02, rel.max()  # measured: 0.2% over 60 steps
+
+
+@pytest.mark.parametrize("field", ["absmax", "code", "nested_absmax", "nested_code", "offset"])
+def test_training_node_refuses_a_gradient_for_the_4bit_weight(field):
+    # absmax is float only without double quantization. A copy of the field
+    # requires grad: the code tables are shared, cached tensors.
+    q = Linear4bit.from_linear(make_linear(), r=4, compute_dtype=torch.float32, double_quant=field != "absmax")
+    st = q.quant_state
+    setattr(st, field, getattr(st, field).detach().clone().requires_grad_(True))
+    out = q(torch.randn(3, 96, requires_grad=True))
+    with pytest.raises(RuntimeError, match=rf"4-bit weight is frozen: no gradient flows to its '{field}'"):
+        out.sum().backward()

@@ -68,7 +68,8 @@ class Lora4bitFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         packed, absmax, code, nested_absmax, nested_code, offset = saved[:6]
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-        for i, name in ((4, "weight"), (5, "absmax"), (7, "nested_absmax")):
+        for i, name in ((4, "weight"), (5, "absmax"), (6, "code"), (7, "nested_absmax"), (8, "nested_code"),
+                        (9, "offset")):
             if ctx.needs_input_grad[i]:
                 raise RuntimeError(f"lowbit.Linear4bit: the 4-bit weight is frozen: no gradient flows to its "
                                    f"'{name}' (train the LoRA adapters beside it)")
