@@ -30,6 +30,10 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   done
 fi
 
+step "decode GEMV check (every variant)"
+PYTHONPATH="python:${PYTHONPATH:-}" python3 tests/gpu/gemv_check.py 2>&1 | tee "$LOG_DIR/gemv_check.log" | grep -E "^== |^FAIL" | head -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "adam host check"
 PYTHONPATH="python:${PYTHONPATH:-}" python3 tests/gpu/adam_host_check.py 2>&1 | tee "$LOG_DIR/adam_host_check.log" | tail -12
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
