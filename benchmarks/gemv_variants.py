@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 
@@ -25,71 +24,18 @@ QUICK_SHAPES = [(4096, 11008), (28672, 8192)]
 MS = [1, 2, 4, 8]
 
 
-def copy_bandwidth(torch, nbytes=1 << 30):
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    ts = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    del src, dst
-    return 2 * nbytes / statistics.median(ts)
-
-
-def time_per_call(torch, fn, calls, reps):
-    """Median seconds per call: `calls` calls of fn(i) captured in one CUDA
-    graph, replayed `reps` times (eager timing if capture fails)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(calls):
-                fn(i)
-        run = g.replay
-        mode = "graph"
-    except Exception:  # not capturable: eager calls, launch overhead included
-        torch.cuda.synchronize()
-
-        def run():
-            for i in range(calls):
-                fn(i)
-
-        mode = "eager"
-    for _ in range(3):
-        run()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3 / calls)
-    return statistics.median(ts), mode
-
-
 def worker(variant, shapes, reps):
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import copy_bandwidth_gbs, graph_ms, median_ms
     from lowbit import functional as F
     from lowbit import ops
 
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth(torch)
+    bw = copy_bandwidth_gbs() * 1e9  # bytes/s, read + write
     l2 = props.L2_cache_size
     rows = []
     for N, K in shapes:
@@ -103,12 +49,15 @@ def worker(variant, shapes, reps):
         for M in MS:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 
-            def fn(i, x=x):
-                p, am = copies[i % ncopies]
+            def fn(copy, x=x, st=st):
+                p, am = copy
                 return ops.gemm_4bit(x, p, am, st.code, st.blocksize, N, K, st.nested_absmax, st.nested_code,
                                      st.offset, st.nested_blocksize, None)
 
-            t, mode = time_per_call(torch, fn, calls, reps)
+            ms, mode = graph_ms(fn, copies, calls=calls, reps=reps), "graph"
+            if ms is None:  # not capturable: eager calls, launch overhead included
+                ms, mode = median_ms(fn, copies, warmup=3, reps=reps), "eager"
+            t = ms * 1e-3
             ideal = wbytes / bw
             rows.append(dict(variant=variant, N=N, K=K, M=M, us=t * 1e6, ideal_us=ideal * 1e6,
                              pct_of_ideal=100.0 * ideal / t, weight_bytes=wbytes, copies=ncopies, timing=mode))

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "gemm/gemv_prims.cuh"
 #include "quantize/quantize_kernels.cuh"
 
 namespace lowbit {
@@ -33,23 +34,8 @@ __device__ __forceinline__ uint32_t bits16(float v) {
   return static_cast<uint32_t>(from_float<T>(v).x);
 }
 
-// One m16n8k16 step: d = a * b + c, fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
+// One m16n8k16 step (d += a * b, fp32 accumulators): the GEMV's primitive.
+using gemv::mma16816;
 
 // Streaming loads of the packed weight: read once, so keep them out of L1
 // (where the activations are reused).
