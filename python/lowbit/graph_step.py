@@ -183,7 +183,9 @@ class CUDAGraphStep:
             if dev is None:
                 raise ValueError(f"CUDAGraphStep: optimizer param group {gi} has no CUDA parameter")
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
-        if getattr(opt, "prefetch", None) is not None and hasattr(opt, "_prefetch_pending"):
+        from .optim import AdamW8bit
+
+        if isinstance(opt, AdamW8bit):  # PagedAdamW8bit's prefetch is a per-step host decision
             opt.prefetch = "never"
         opt.zero_grad(set_to_none=True)
 
