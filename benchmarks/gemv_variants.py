@@ -9,7 +9,10 @@ copies that they exceed twice the L2 cache, so the weight comes from HBM.
 Beside each figure: the ideal, (packed + scale bytes) / the device-to-device
 copy bandwidth measured in the same process (read + write bytes per second).
 
-  python benchmarks/gemv_variants.py [--variants async,regs,lut256,tc] [--quick] [--json out.json]
+  python benchmarks/gemv_variants.py [--variants async,regs,lut256,wide,tc] [--quick] [--json out.json]
+
+A variant may carry a block shape for `wide`: `wide:24x2` runs it with 24
+warps and a 2-stage ring (LOWBIT_GEMV_WIDE=24,2) where that fits.
 """
 import argparse
 import json
@@ -18,13 +21,13 @@ import os
 import subprocess
 import sys
 
-VARIANTS = ["async", "regs", "lut256", "tc"]
+VARIANTS = ["async", "regs", "lut256", "wide", "tc"]
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 QUICK_SHAPES = [(4096, 11008), (28672, 8192)]
 MS = [1, 2, 4, 8]
 
 
-def worker(variant, shapes, reps):
+def worker(variant, shapes, reps, ms=MS):
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
@@ -46,7 +49,7 @@ def worker(variant, shapes, reps):
         ncopies = max(2, math.ceil(2 * max(l2, 50 << 20) / wbytes))
         copies = [(packed.clone(), st.absmax.clone()) for _ in range(ncopies)]
         calls = max(ncopies, 20)
-        for M in MS:
+        for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 
             def fn(copy, x=x, st=st):
@@ -70,6 +73,7 @@ def worker(variant, shapes, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="rows of x (comma-separated)")
     ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES} only")
     ap.add_argument("--reps", type=int, default=50, help="timed graph replays per point (>= 50)")
     ap.add_argument("--json", help="write all rows to this file")
@@ -78,7 +82,7 @@ def main():
     args = ap.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.worker:
-        res = worker(args.worker, shapes, max(args.reps, 50))
+        res = worker(args.worker, shapes, max(args.reps, 50), [int(m) for m in args.ms.split(",")])
         with open(args.out, "w") as f:
             json.dump(res, f)
         return
@@ -87,7 +91,12 @@ def main():
         out = f"/tmp/gemv_variants_{os.getpid()}_{v}.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", v, "--out", out, "--reps", str(args.reps)]
         cmd += ["--quick"] if args.quick else []
-        rc = subprocess.call(cmd, env=dict(os.environ, LOWBIT_GEMV_VARIANT=v))
+        cmd += ["--ms", args.ms]
+        name, _, shape = v.partition(":")
+        env = dict(os.environ, LOWBIT_GEMV_VARIANT=name)
+        if shape:
+            env["LOWBIT_GEMV_WIDE"] = shape.replace("x", ",")
+        rc = subprocess.call(cmd, env=env)
         if rc != 0:
             print(f"variant {v}: worker failed (exit {rc})", file=sys.stderr)
             continue

@@ -496,10 +496,13 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   std::vector<Case> cases;
   if (argc == 14 && std::string(argv[1]) == "--case") {
-    // --case async|regs|lut256 bf16 nested bs M N K sms bias late warps deep
+    // --case async|regs|lut256|wide bf16 nested bs M N K sms bias late warps deep
     Case c{};
     const std::string vs = argv[2];
-    c.variant = vs == "regs" ? Variant::kRegs : vs == "lut256" ? Variant::kLut256 : Variant::kAsync;
+    c.variant = vs == "regs"     ? Variant::kRegs
+                : vs == "lut256" ? Variant::kLut256
+                : vs == "wide"   ? Variant::kWide
+                                 : Variant::kAsync;
     c.bf16 = std::atoi(argv[3]);
     c.nested = std::atoi(argv[4]);
     c.bs = std::atoi(argv[5]);
@@ -520,7 +523,7 @@ int main(int argc, char** argv) {
   auto any = [&](std::initializer_list<int> v) { return *(v.begin() + pick() % v.size()); };
   // Structured coverage: every template instance (dtype, RT by M, GS by
   // blocksize, nested, variant), both copy timings, odd N, K splits.
-  for (Variant v : {Variant::kAsync, Variant::kRegs, Variant::kLut256})
+  for (Variant v : {Variant::kAsync, Variant::kRegs, Variant::kLut256, Variant::kWide})
     for (int bs : {32, 64, 128, 256, 1024})
       for (bool nested : {false, true})
         for (int M : {1, 3, 5, 8}) {
@@ -552,7 +555,11 @@ int main(int argc, char** argv) {
     const uint64_t seed = 1000 + n;
     const bool ok = run_case(c, seed, why);
     std::printf("%s %-5s %s bs=%-4d %s M=%d N=%-3d K=%-4d sms=%-2d bias=%d %s warps=%d%s %s\n", ok ? "PASS" : "FAIL",
-                c.variant == Variant::kAsync ? "async" : c.variant == Variant::kRegs ? "regs" : "lut256", c.bf16 ? "bf16" : "fp16", c.bs,
+                c.variant == Variant::kAsync    ? "async"
+                : c.variant == Variant::kRegs   ? "regs"
+                : c.variant == Variant::kWide   ? "wide"
+                                                : "lut256",
+                c.bf16 ? "bf16" : "fp16", c.bs,
                 c.nested ? "nested" : "plain ", c.M, c.N, c.K, c.sms, c.bias, c.late ? "late " : "early",
                 c.warps_override, c.deep ? " deep" : "", why.c_str());
     std::fflush(stdout);
