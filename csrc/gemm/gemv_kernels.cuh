@@ -195,7 +195,7 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   const int ru = warp % rw, kp = warp / rw;
   const int unit = (bid / a.splits) * rw + ru;
   int s_begin = 0, s_end = 0;
-  if (unit < a.units) {
+  if (unit < a.units && kp < kw) {  // kp >= kw: warps past rw * kw (rw not dividing the warps) sit out
     const int64_t total = K / kStageK, parts = static_cast<int64_t>(a.splits) * kw, part = split * kw + kp;
     s_begin = static_cast<int>(total * part / parts);
     s_end = static_cast<int>(total * (part + 1) / parts);
@@ -684,7 +684,7 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   // slot, or when that turns two waves of blocks into one that still fills
   // three quarters of the slots (idle SMs are idle issue slots).
   int rw = 1;
-  while (rw < p.warps) {
+  while (rw < p.warps && p.warps % (2 * rw) == 0) {  // rw divides the warps: every warp has a share of K
     const int64_t blocks_now = (p.units + rw - 1) / rw, blocks_next = (p.units + 2 * rw - 1) / (2 * rw);
     const bool few_stages = T / (p.warps / rw) < 8 && blocks_next >= slots;
     const bool one_wave = blocks_now > slots && blocks_next <= slots && blocks_next * 4 >= slots * 3;

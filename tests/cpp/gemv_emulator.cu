@@ -539,7 +539,8 @@ int main(int argc, char** argv) {
           c.sms = any({1, 2, 4, 16});
           c.bias = pick() % 2;
           c.late = pick() % 2;
-          c.warps_override = any({0, 0, 4});
+          // wide: also 20 and 24 warps, where a planned rw of 8 or 16 leaves warps without a share of K
+          c.warps_override = v == Variant::kWide ? any({0, 4, 20, 24}) : any({0, 0, 4});
           c.deep = pick() % 2;
           if (c.deep) c.K = any({1024, 2048, 2816});
           cases.push_back(c);
