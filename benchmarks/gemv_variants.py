@@ -57,10 +57,10 @@ def worker(variant, shapes, reps, ms=MS):
                 return ops.gemm_4bit(x, p, am, st.code, st.blocksize, N, K, st.nested_absmax, st.nested_code,
                                      st.offset, st.nested_blocksize, None)
 
-            ms, mode = graph_ms(fn, copies, calls=calls, reps=reps), "graph"
-            if ms is None:  # not capturable: eager calls, launch overhead included
-                ms, mode = median_ms(fn, copies, warmup=3, reps=reps), "eager"
-            t = ms * 1e-3
+            t_ms, mode = graph_ms(fn, copies, calls=calls, reps=reps), "graph"
+            if t_ms is None:  # not capturable: eager calls, launch overhead included
+                t_ms, mode = median_ms(fn, copies, warmup=3, reps=reps), "eager"
+            t = t_ms * 1e-3
             ideal = wbytes / bw
             rows.append(dict(variant=variant, N=N, K=K, M=M, us=t * 1e6, ideal_us=ideal * 1e6,
                              pct_of_ideal=100.0 * ideal / t, weight_bytes=wbytes, copies=ncopies, timing=mode))
