@@ -276,6 +276,9 @@ class AdamW8bit(torch.optim.Optimizer):
             lists["all"] = lists["idx"] == list(range(len(params)))  # one device, every parameter
             lists["slices"] = (_call_slices([p.numel() for p in lists["p"]]) if _split_calls(device)
                                else [(0, len(lists["p"]))])
+            # Bytes of the paged states, summed once here (the cached lists keep it): the "auto"
+            # prefetch check compares it with the card's free memory on every step.
+            lists["paged_bytes"] = sum(t.numel() * t.element_size() for t in lists["paged"])
         if cacheable:
             kept = {d: {k: v for k, v in lists.items() if k != "g"} for d, lists in per_device.items()}
             self._step_cache[gi] = dict(params=params, n=len(params), version=self._state_version,
@@ -284,7 +287,7 @@ class AdamW8bit(torch.optim.Optimizer):
             self._step_cache.pop(gi, None)
         return per_device
 
-    def _prefetch(self, device: torch.device, paged: list) -> None:
+    def _prefetch(self, device: torch.device, paged: list, paged_bytes: int) -> None:
         """Paged states are prefetched to the GPU when they are new (created or
         loaded) and, with prefetch="auto", whenever the card has less free
         memory than they occupy (the driver may then have moved some of them
@@ -298,7 +301,7 @@ class AdamW8bit(torch.optim.Optimizer):
             ops.prefetch_managed(paged)
             return
         free, _ = torch.cuda.mem_get_info(device)
-        if free < sum(t.numel() * t.element_size() for t in paged):
+        if free < paged_bytes:
             ops.prefetch_managed(paged)
 
     @torch.no_grad()
@@ -314,7 +317,7 @@ class AdamW8bit(torch.optim.Optimizer):
             beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
             eps, wd = float(group["eps"]), float(group["weight_decay"])
             for device, lists in per_device.items():
-                self._prefetch(device, lists["paged"])
+                self._prefetch(device, lists["paged"], lists["paged_bytes"])
                 lr = self._lr_arg(group["lr"], device)
                 code1 = functional.get_dynamic_map(True, device)
                 code2 = functional.get_dynamic_map(False, device)
