@@ -12,68 +12,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "optim/optim_common.h"
 #include "optim/optim_kernels.cuh"
-#include "optim/optim_variants.cuh"
 
 namespace lowbit {
 namespace {
 
 bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
-
-// LOWBIT_ADAM_VARIANT, read once per process, picks the schedule of the 8-bit
-// update (optim_variants.cuh; all compute the same bits): "base" (default,
-// adamw_multi_tensor_kernel), "pipe", "persist" or "persist_pipe".
-// Benchmarks run one process per variant.
-enum class AdamVariant { kBase, kPipe, kPersist, kPersistPipe };
-
-AdamVariant adam_variant() {
-  static const AdamVariant v = [] {
-    const char* e = std::getenv("LOWBIT_ADAM_VARIANT");
-    if (e == nullptr || *e == '\0' || std::strcmp(e, "base") == 0) return AdamVariant::kBase;
-    if (std::strcmp(e, "pipe") == 0) return AdamVariant::kPipe;
-    if (std::strcmp(e, "persist") == 0) return AdamVariant::kPersist;
-    if (std::strcmp(e, "persist_pipe") == 0) return AdamVariant::kPersistPipe;
-    TORCH_WARN("lowbit: LOWBIT_ADAM_VARIANT='", e, "' is not one of base, pipe, persist, persist_pipe; using base");
-    return AdamVariant::kBase;
-  }();
-  return v;
-}
-
-// Blocks of `kernel` resident on the current device at once (blocks per SM
-// by the occupancy API x SMs), asked once per device and kernel: `cache`
-// belongs to one kernel (the caller's instantiation holds it).
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, std::atomic<int> (&cache)[64]) {
-  const int dev = at::cuda::current_device();
-  std::atomic<int>& slot = cache[dev & 63];
-  int blocks = slot.load(std::memory_order_relaxed);
-  if (blocks == 0) {
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kAdamThreads, 0));
-    blocks = (per_sm > 0 ? per_sm : 1) * at::cuda::getDeviceProperties(dev)->multiProcessorCount;
-    slot.store(blocks, std::memory_order_relaxed);
-  }
-  return blocks;
-}
-
-template <typename T, bool PIPE, bool PERSIST>
-void launch_variant(const cuda::AdamTensorList& tl, int64_t chunks, const cuda::AdamArgs& args, const uint8_t* table,
-                    cudaStream_t stream) {
-  auto kernel = cuda::adamw_multi_tensor_kernel_variant<T, PIPE, PERSIST>;
-  int64_t grid = chunks;
-  if (PERSIST) {
-    static std::atomic<int> cache[64];
-    grid = std::min(chunks, resident_blocks(kernel, cache));
-  }
-  kernel<<<static_cast<unsigned>(grid), cuda::kAdamThreads, 0, stream>>>(tl, args, table);
-}
 
 template <typename T>
 void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamArgs& args, const uint8_t* table,
@@ -110,15 +57,8 @@ void launch_group(const std::vector<const AdamTensor*>& group, const cuda::AdamA
     tl.chunk_start[count] = static_cast<int32_t>(chunks);
     tl.count = count;
     if (chunks == 0) continue;
-    switch (adam_variant()) {
-      case AdamVariant::kBase:
-        cuda::adamw_multi_tensor_kernel<T>
-            <<<static_cast<unsigned>(chunks), cuda::kAdamThreads, 0, stream>>>(tl, args, table);
-        break;
-      case AdamVariant::kPipe: launch_variant<T, true, false>(tl, chunks, args, table, stream); break;
-      case AdamVariant::kPersist: launch_variant<T, false, true>(tl, chunks, args, table, stream); break;
-      case AdamVariant::kPersistPipe: launch_variant<T, true, true>(tl, chunks, args, table, stream); break;
-    }
+    cuda::adamw_multi_tensor_kernel<T>
+        <<<static_cast<unsigned>(chunks), cuda::kAdamThreads, 0, stream>>>(tl, args, table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
