@@ -9,10 +9,7 @@ copies that they exceed twice the L2 cache, so the weight comes from HBM.
 Beside each figure: the ideal, (packed + scale bytes) / the device-to-device
 copy bandwidth measured in the same process (read + write bytes per second).
 
-  python benchmarks/gemv_variants.py [--variants async,regs,lut256,wide,tc] [--quick] [--json out.json]
-
-A variant may carry a block shape for `wide`: `wide:24x2` runs it with 24
-warps and a 2-stage ring (LOWBIT_GEMV_WIDE=24,2) where that fits.
+  python benchmarks/gemv_variants.py [--variants async,regs,lut256,tc] [--quick] [--json out.json]
 """
 import argparse
 import json
@@ -21,7 +18,7 @@ import os
 import subprocess
 import sys
 
-VARIANTS = ["async", "regs", "lut256", "wide", "tc"]
+VARIANTS = ["async", "regs", "lut256", "tc"]
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 QUICK_SHAPES = [(4096, 11008), (28672, 8192)]
 MS = [1, 2, 4, 8]
@@ -92,11 +89,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", v, "--out", out, "--reps", str(args.reps)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--ms", args.ms]
-        name, _, shape = v.partition(":")
-        env = dict(os.environ, LOWBIT_GEMV_VARIANT=name)
-        if shape:
-            env["LOWBIT_GEMV_WIDE"] = shape.replace("x", ",")
-        rc = subprocess.call(cmd, env=env)
+        rc = subprocess.call(cmd, env=dict(os.environ, LOWBIT_GEMV_VARIANT=v))
         if rc != 0:
             print(f"variant {v}: worker failed (exit {rc})", file=sys.stderr)
             continue

@@ -14,9 +14,7 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstdio>
 #include <cstring>
-#include <utility>
 
 #include "gemm/gemm_common.h"
 #include "gemm/gemm_kernels.cuh"
@@ -157,19 +155,8 @@ at::Tensor gemm_tc(const GemmPlan& p, cudaStream_t stream) {
 // ---------------------------------------------------------------- decode GEMV (M <= 8)
 
 // LOWBIT_GEMV_VARIANT, read once per process: "async" (default), "regs",
-// "lut256", "wide", or "tc" (no GEMV: the tensor-core kernel for M <= 8 too).
-// Benchmarks run one process per variant. LOWBIT_GEMV_WIDE="warps,stages"
-// (read once; measurements only) forces the block shape of "wide".
-std::pair<int, int> gemv_wide_shape() {
-  static const std::pair<int, int> shape = [] {
-    int w = 0, st = 0;
-    const char* e = std::getenv("LOWBIT_GEMV_WIDE");
-    if (e != nullptr && std::sscanf(e, "%d,%d", &w, &st) != 2) w = 0, st = 0;
-    return std::make_pair(w, st);
-  }();
-  return shape;
-}
-
+// "lut256", or "tc" (no GEMV: the tensor-core kernel for M <= 8 too).
+// Benchmarks run one process per variant.
 cuda::gemv::Variant gemv_variant() {
   using cuda::gemv::Variant;
   static const Variant v = [] {
@@ -178,8 +165,7 @@ cuda::gemv::Variant gemv_variant() {
     if (std::strcmp(e, "regs") == 0) return Variant::kRegs;
     if (std::strcmp(e, "lut256") == 0) return Variant::kLut256;
     if (std::strcmp(e, "tc") == 0) return Variant::kTc;
-    if (std::strcmp(e, "wide") == 0) return Variant::kWide;
-    TORCH_WARN("lowbit: LOWBIT_GEMV_VARIANT='", e, "' is not one of async, regs, lut256, wide, tc; using async");
+    TORCH_WARN("lowbit: LOWBIT_GEMV_VARIANT='", e, "' is not one of async, regs, lut256, tc; using async");
     return Variant::kAsync;
   }();
   return v;
@@ -221,26 +207,9 @@ void launch_gemv_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int GS, bool NESTED>
-void launch_gemv_wide(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
-  static std::atomic<uint64_t> done{0};
-  auto kernel = cuda::gemv::gemv_4bit_wide_kernel<T, GS, NESTED>;
-  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties(), done);
-  kernel<<<static_cast<unsigned>(g.blocks), g.warps * 32, g.smem, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename T, int RT, bool NESTED>
 void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
   if constexpr (RT == 1) {
-    if (g.wide) {
-      switch (g.gs) {
-        case 32: launch_gemv_wide<T, 32, NESTED>(a, g, stream); break;
-        case 64: launch_gemv_wide<T, 64, NESTED>(a, g, stream); break;
-        default: launch_gemv_wide<T, 128, NESTED>(a, g, stream); break;
-      }
-      return;
-    }
     if (g.lut256) {
       switch (g.gs) {
         case 32: launch_gemv_k<T, 1, 32, NESTED, false, true>(a, g, stream); break;
@@ -331,8 +300,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
     const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
     const cuda::gemv::GemvPlan g = cuda::gemv::plan_gemv(
         gemv_variant(), static_cast<int>(p.M), N, K, p.w.blocksize, p.w.nested(), prop.multiProcessorCount,
-        static_cast<int>(prop.sharedMemPerMultiprocessor), static_cast<int>(prop.sharedMemPerBlockOptin),
-        gemv_wide_shape().first, gemv_wide_shape().second);
+        static_cast<int>(prop.sharedMemPerMultiprocessor), static_cast<int>(prop.sharedMemPerBlockOptin));
     if (g.ok) return gemv(p, g, stream).reshape(p.out_shape);
   }
   if (tc_eligible(p)) return gemm_tc(p, stream).reshape(p.out_shape);

@@ -53,7 +53,6 @@ enum class Variant : int {
   kAsync = 1,  // cp.async ring for weight, x and scales
   kRegs = 2,   // weight in registers, x and scales through the ring
   kLut256 = 3, // kAsync with a 256-byte-stride table: one instruction less per lookup
-  kWide = 4,   // kAsync in one block of up to 32 warps per SM (64 registers): more warps to hide latency
 };
 
 constexpr int kMaxWarps = 8;
@@ -69,9 +68,6 @@ constexpr int kAlignPad = 1024;         // the kernel realigns its layout to 1 K
 // kLut256: the table at a 64 KB-aligned shared address, entry b at b * 256.
 constexpr int kLut256Bytes = 256 * 256;
 constexpr int kLut256Warps = 16;
-// kWide: one block per SM, up to 32 warps sharing one table; at most 64
-// registers per thread (launch bounds 1024 x 1).
-constexpr int kWideMaxWarps = 32;
 
 struct GemvArgs {
   const void* x;          // [M, K], T, 16-byte aligned
@@ -578,13 +574,6 @@ __global__ void __launch_bounds__(L256 ? kLut256Warps * 32 : kMaxThreads, L256 ?
   gemv_block<T, RT, GS, NESTED, REGS, L256>(a, gemv_smem);
 }
 
-// kWide: the kAsync body (one tile per warp) in a block of up to 32 warps.
-template <typename T, int GS, bool NESTED>
-__global__ void __launch_bounds__(kWideMaxWarps * 32, 1) gemv_4bit_wide_kernel(const GemvArgs a) {
-  extern __shared__ __align__(1024) uint8_t gemv_smem[];
-  gemv_block<T, 1, GS, NESTED, false, false>(a, gemv_smem);
-}
-
 // ---------------------------------------------------------------- launch shape (host)
 
 struct GemvPlan {
@@ -592,7 +581,6 @@ struct GemvPlan {
   int rt = 1, gs = 128;
   bool regs = false;
   bool lut256 = false;
-  bool wide = false;
   int warps = kMaxWarps;
   int stages = 3;
   int stage_bytes = 0;
@@ -602,10 +590,9 @@ struct GemvPlan {
 };
 
 // sms, smem_per_sm, smem_per_block: the device's multiprocessors, shared
-// memory per SM and the opt-in maximum per block. force_warps/force_stages
-// (kWide only, for measurements): that block shape if it fits, else no plan.
+// memory per SM and the opt-in maximum per block.
 inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocksize, bool nested, int sms,
-                          int smem_per_sm, int smem_per_block, int force_warps = 0, int force_stages = 0) {
+                          int smem_per_sm, int smem_per_block) {
   GemvPlan p;
   if (v == Variant::kTc || M < 1 || M > kMaxM || N < 1 || K < kStageK || K % kStageK != 0) return p;
   p.gs = static_cast<int>(blocksize < 128 ? blocksize : 128);
@@ -618,27 +605,7 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   // table fill for 8 warps) if two such blocks fit an SM; else fewer stages,
   // then fewer warps; else the first configuration that fits at all.
   p.lut256 = v == Variant::kLut256 && p.rt == 1;
-  p.wide = v == Variant::kWide && p.rt == 1;
-  if (p.wide) {
-    // One block per SM, the most warps whose rings fit beside one table (a
-    // 1 KB-aligned layout: pad, table, nested code, rings; the final
-    // reduction reuses the rings); two stages per warp (one in flight while
-    // one is consumed) unless only fewer warps fit anyway.
-    const int configs[6][2] = {{32, 2}, {24, 2}, {20, 3}, {16, 3}, {16, 2}, {8, 2}};
-    for (const auto& cfg : configs) {
-      int warps = cfg[0], stages = cfg[1];
-      if (force_warps > 0) warps = force_warps, stages = force_stages > 1 ? force_stages : 2;
-      const int sb = stage_bytes(1, p.gs, nested, false, M);
-      const int ring = warps * stages * sb, red = warps * 4 * 32 * 4;
-      const int smem = kAlignPad + kRingOff + (ring > red ? ring : red);
-      const bool fits = warps <= kWideMaxWarps && smem <= smem_per_block && smem + 1024 <= smem_per_sm;
-      if (fits) {
-        p.warps = warps, p.stages = stages, p.stage_bytes = sb, p.smem = smem, p.blocks_per_sm = 1;
-        break;
-      }
-      if (force_warps > 0) return p;
-    }
-  } else if (p.lut256) {
+  if (p.lut256) {
     // One block per SM: 16 warps if they fit (64 KB table, nested code, the
     // rings, and one ring of slack for the part below the table it may waste).
     const int configs[4][2] = {{kLut256Warps, 3}, {kLut256Warps, 2}, {8, 3}, {8, 2}};

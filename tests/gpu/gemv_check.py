@@ -4,7 +4,7 @@ variant, on a CUDA machine.
 The variant is chosen by LOWBIT_GEMV_VARIANT, which the extension reads once
 per process, so each variant runs in a subprocess of this script:
 
-  python tests/gpu/gemv_check.py                 # async, regs, lut256, wide and tc
+  python tests/gpu/gemv_check.py                 # async, regs, lut256 and tc
   python tests/gpu/gemv_check.py --variants async --quick
 
 For M in 1..8, N in {1, 7, 4096, 4097, 11008, 28672}, K in {256, 4096, 11008,
@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-VARIANTS = ["async", "regs", "lut256", "wide", "tc"]
+VARIANTS = ["async", "regs", "lut256", "tc"]
 MS = list(range(1, 9))
 NS = [1, 7, 4096, 4097, 11008, 28672]
 KS = [256, 4096, 11008, 8192]
