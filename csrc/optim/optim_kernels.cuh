@@ -158,22 +158,28 @@ __device__ __forceinline__ uint32_t encode_state(const SharedMaps& sm, bool firs
     return first ? core::encode_8bit(sm.code1, x) : core::encode_8bit(sm.code2, x);
 }
 
-// The update of one 256-element block of an 8-bit parameter by one warp, from
-// its loaded values on: lane l owns elements 4l..4l+3 (h = 0) and
-// 128+4l..128+4l+3 (h = 1), base[h] is the index of its first element there;
-// pv, gv: parameters and gradients, w1, w2: the four state codes of each half
-// (byte j = element j), am1, am2: the block's old absmax. Every variant of the
-// update kernel ends each block here, so all compute the same bits.
-// FULL: the block lies wholly before n (no bounds checks).
+// One 256-element block of an 8-bit parameter, one warp: lane l owns elements
+// 4l..4l+3 and 128+4l..128+4l+3, so every load and store of the warp is one
+// contiguous span. FULL: the block lies wholly before n (no bounds checks).
 template <typename T, bool CELLS, bool FULL>
-__device__ __forceinline__ void adamw_block_update(const SharedMaps& sm, const core::AdamWScalars& s,
-                                                   T* __restrict__ p, uint8_t* __restrict__ q1,
-                                                   uint8_t* __restrict__ q2, float* __restrict__ a1,
-                                                   float* __restrict__ a2, int64_t qblock, int64_t n, bool vec_p,
-                                                   bool vec_s, int lane, const int64_t base[2], float pv[2][4],
-                                                   const float gv[2][4], const uint32_t w1[2], const uint32_t w2[2],
-                                                   float am1, float am2) {
-  float mv[2][4], vv[2][4];
+__device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::AdamWScalars& s, T* __restrict__ p,
+                                            const T* __restrict__ g, uint8_t* __restrict__ q1,
+                                            uint8_t* __restrict__ q2, float* __restrict__ a1,
+                                            float* __restrict__ a2, int64_t qblock, int64_t n, bool vec_p,
+                                            bool vec_s, int lane) {
+  const int64_t block_start = qblock * core::kAdamBlock;
+  int64_t base[2];
+  float pv[2][4], gv[2][4], mv[2][4], vv[2][4];
+  uint32_t w1[2], w2[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    base[h] = block_start + h * 128 + lane * 4;
+    load_n<4>(p, base[h], n, FULL || vec_p, pv[h]);
+    load_n<4>(g, base[h], n, FULL || vec_p, gv[h]);
+    w1[h] = load4_u8(q1, base[h], n, FULL || vec_s);
+    w2[h] = load4_u8(q2, base[h], n, FULL || vec_s);
+  }
+  const float am1 = a1[qblock], am2 = a2[qblock];
   float max1 = 0.0f, max2 = 0.0f;
 #pragma unroll
   for (int h = 0; h < 2; ++h)
@@ -216,32 +222,6 @@ __device__ __forceinline__ void adamw_block_update(const SharedMaps& sm, const c
     store4_u8(q1, base[h], n, FULL || vec_s, c1);
     store4_u8(q2, base[h], n, FULL || vec_s, c2);
   }
-}
-
-// One 256-element block of an 8-bit parameter, one warp: lane l owns elements
-// 4l..4l+3 and 128+4l..128+4l+3, so every load and store of the warp is one
-// contiguous span. FULL: the block lies wholly before n (no bounds checks).
-template <typename T, bool CELLS, bool FULL>
-__device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::AdamWScalars& s, T* __restrict__ p,
-                                            const T* __restrict__ g, uint8_t* __restrict__ q1,
-                                            uint8_t* __restrict__ q2, float* __restrict__ a1,
-                                            float* __restrict__ a2, int64_t qblock, int64_t n, bool vec_p,
-                                            bool vec_s, int lane) {
-  const int64_t block_start = qblock * core::kAdamBlock;
-  int64_t base[2];
-  float pv[2][4], gv[2][4];
-  uint32_t w1[2], w2[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    base[h] = block_start + h * 128 + lane * 4;
-    load_n<4>(p, base[h], n, FULL || vec_p, pv[h]);
-    load_n<4>(g, base[h], n, FULL || vec_p, gv[h]);
-    w1[h] = load4_u8(q1, base[h], n, FULL || vec_s);
-    w2[h] = load4_u8(q2, base[h], n, FULL || vec_s);
-  }
-  const float am1 = a1[qblock], am2 = a2[qblock];
-  adamw_block_update<T, CELLS, FULL>(sm, s, p, q1, q2, a1, a2, qblock, n, vec_p, vec_s, lane, base, pv, gv, w1, w2,
-                                     am1, am2);
 }
 
 // At most 64 registers: four blocks (32 warps) per SM keep enough loads in flight.
