@@ -225,11 +225,34 @@ void run_block(int bid, int nthreads, const std::function<void()>& body) {
     L.ctx.uc_link = &S.sched;
     makecontext(&L.ctx, lane_entry, 0);
   }
-  std::vector<int> runnable;
+  std::vector<int> runnable, ready;
+  // Warps whose 32 lanes all wait in the same collective.
+  auto ready_warps = [&] {
+    ready.clear();
+    for (int w = 0; w * 32 < nthreads; ++w) {
+      bool all = true;
+      for (int l = 0; l < 32; ++l) {
+        const Lane& L = S.lanes[w * 32 + l];
+        all &= !L.done && L.wait == kWarp && L.op == S.lanes[w * 32].op;
+      }
+      if (all) ready.push_back(w);
+    }
+  };
   for (;;) {
     runnable.clear();
     for (int i = 0; i < nthreads; ++i)
       if (!S.lanes[i].done && S.lanes[i].wait == kRun) runnable.push_back(i);
+    // Now and then a ready warp goes on while other lanes still have work
+    // before their next barrier, so warps drift apart: a missing block
+    // barrier shows as one warp reading what another has not written yet.
+    if (!runnable.empty() && S.rng() % 4 == 0) {
+      ready_warps();
+      if (!ready.empty()) {
+        const int w = ready[std::uniform_int_distribution<int>(0, static_cast<int>(ready.size()) - 1)(S.rng)];
+        for (int l = 0; l < 32; ++l) S.lanes[w * 32 + l].wait = kRun;
+        continue;
+      }
+    }
     if (!runnable.empty()) {
       S.cur = runnable[std::uniform_int_distribution<int>(0, static_cast<int>(runnable.size()) - 1)(S.rng)];
       swapcontext(&S.sched, &S.lanes[S.cur].ctx);
@@ -238,17 +261,12 @@ void run_block(int bid, int nthreads, const std::function<void()>& body) {
     bool all_done = true, released = false;
     for (int i = 0; i < nthreads; ++i) all_done &= S.lanes[i].done;
     if (all_done) break;
-    // Warp barriers: all 32 lanes waiting in the same collective.
-    for (int w = 0; w * 32 < nthreads; ++w) {
-      bool all = true;
-      for (int l = 0; l < 32; ++l) {
-        const Lane& L = S.lanes[w * 32 + l];
-        all &= !L.done && L.wait == kWarp && L.op == S.lanes[w * 32].op;
-      }
-      if (all) {
-        for (int l = 0; l < 32; ++l) S.lanes[w * 32 + l].wait = kRun;
-        released = true;
-      }
+    // Otherwise one ready warp, chosen at random, goes on.
+    ready_warps();
+    if (!ready.empty()) {
+      const int w = ready[std::uniform_int_distribution<int>(0, static_cast<int>(ready.size()) - 1)(S.rng)];
+      for (int l = 0; l < 32; ++l) S.lanes[w * 32 + l].wait = kRun;
+      released = true;
     }
     if (released) continue;
     bool all_block = true;
