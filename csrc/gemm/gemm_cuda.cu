@@ -2,6 +2,8 @@
 // from M (rows of the activation, a host value: no synchronization):
 //   gemm_4bit   M <= 8, fp16/bf16, K % 256 == 0, aligned: decode GEMV
 //               (gemv_kernels.cuh; LOWBIT_GEMV_VARIANT picks the kernel)
+//               M = 9..32, the same conditions: the small-M kernel (the GEMV's
+//               body with x staged once per block, 2 or 4 x tiles per fragment)
 //               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
 //   gemm_4bit_t M <= 4, fp16/bf16, K % 16 == 0: fused transposed GEMV
@@ -171,9 +173,9 @@ cuda::gemv::Variant gemv_variant() {
   return v;
 }
 
-bool gemv_eligible(const GemmPlan& p) {
+bool gemv_eligible(const GemmPlan& p, int64_t max_m = cuda::gemv::kMaxM) {
   const auto dt = p.a.scalar_type();
-  if (!(dt == at::kHalf || dt == at::kBFloat16) || p.M > cuda::gemv::kMaxM || p.N > INT32_MAX ||
+  if (!(dt == at::kHalf || dt == at::kBFloat16) || p.M > max_m || p.N > INT32_MAX ||
       p.K % cuda::gemv::kStageK != 0 || p.K > INT32_MAX)
     return false;
   if (!cuda::aligned16(p.a.const_data_ptr()) || !cuda::aligned16(p.w.packed.const_data_ptr())) return false;
@@ -207,6 +209,24 @@ void launch_gemv_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int GS, bool NESTED, int NT>
+void launch_gemm_bx_k(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  static std::atomic<uint64_t> done{0};
+  auto kernel = cuda::gemv::gemm_4bit_bx_kernel<T, GS, NESTED, NT>;
+  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties(), done);
+  kernel<<<static_cast<unsigned>(g.blocks), g.warps * 32, g.smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool NESTED, int NT>
+void launch_gemm_bx_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
+  switch (g.gs) {
+    case 32: launch_gemm_bx_k<T, 32, NESTED, NT>(a, g, stream); break;
+    case 64: launch_gemm_bx_k<T, 64, NESTED, NT>(a, g, stream); break;
+    default: launch_gemm_bx_k<T, 128, NESTED, NT>(a, g, stream); break;
+  }
+}
+
 template <typename T, int RT, bool NESTED>
 void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
   if constexpr (RT == 1) {
@@ -234,6 +254,16 @@ void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g
 
 template <typename T>
 void launch_gemv(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, bool nested, cudaStream_t stream) {
+  if (g.bx) {
+    if (g.nt == 2) {
+      if (nested) launch_gemm_bx_gs<T, true, 2>(a, g, stream);
+      else launch_gemm_bx_gs<T, false, 2>(a, g, stream);
+    } else {
+      if (nested) launch_gemm_bx_gs<T, true, 4>(a, g, stream);
+      else launch_gemm_bx_gs<T, false, 4>(a, g, stream);
+    }
+    return;
+  }
   if (g.rt == 1) {
     if (nested) launch_gemv_gs<T, 1, true>(a, g, stream);
     else launch_gemv_gs<T, 1, false>(a, g, stream);
@@ -300,6 +330,14 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
     const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
     const cuda::gemv::GemvPlan g = cuda::gemv::plan_gemv(
         gemv_variant(), static_cast<int>(p.M), N, K, p.w.blocksize, p.w.nested(), prop.multiProcessorCount,
+        static_cast<int>(prop.sharedMemPerMultiprocessor), static_cast<int>(prop.sharedMemPerBlockOptin));
+    if (g.ok) return gemv(p, g, stream).reshape(p.out_shape);
+  }
+  // M = 9..32: the small-M kernel (x staged once per block, several x tiles per decoded fragment).
+  if (p.M > cuda::gemv::kMaxM && gemv_eligible(p, 32)) {
+    const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+    const cuda::gemv::GemvPlan g = cuda::gemv::plan_gemm_bx(
+        static_cast<int>(p.M), N, K, p.w.blocksize, p.w.nested(), prop.multiProcessorCount,
         static_cast<int>(prop.sharedMemPerMultiprocessor), static_cast<int>(prop.sharedMemPerBlockOptin));
     if (g.ok) return gemv(p, g, stream).reshape(p.out_shape);
   }

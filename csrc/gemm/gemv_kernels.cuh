@@ -154,9 +154,15 @@ __host__ __device__ __forceinline__ uint32_t lut256_at(uint32_t lut, uint32_t w)
 
 // ---------------------------------------------------------------- the kernel body
 
-template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256>
+// NT, BX (the small-M kernel, M = 9..32): NT 8-column tiles of x per mma A
+// fragment (each decoded weight fragment feeds NT mma), and x staged once per
+// block (BX) in a block-wide ring instead of once per warp: all warps of a
+// block then stream the same stages (rw = warps, no K split inside the block)
+// and a stage advances with a block barrier.
+template <typename T, int RT, int GS, bool NESTED, bool REGS, bool L256, int NT = 1, bool BX = false>
 __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* smem_raw) {
   static_assert(RT == 1 || RT == 2, "one or two 16-row tiles per warp");
+  static_assert(NT == 1 || (BX && RT == 1 && !REGS && !L256), "several x tiles: the block-staged x kernel only");
   static_assert(GS == 32 || GS == 64 || GS == 128, "granule of 32, 64 or 128 k-values");
   static_assert(!REGS || GS >= 64, "register variant: blocksize >= 64");
   static_assert(!L256 || (RT == 1 && !REGS), "256-byte table: kAsync with one tile per warp");
@@ -191,7 +197,10 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   const int ru = warp % rw, kp = warp / rw;
   const int unit = (bid / a.splits) * rw + ru;
   int s_begin = 0, s_end = 0;
-  if (unit < a.units && kp < kw) {  // kp >= kw: warps past rw * kw (rw not dividing the warps) sit out
+  // kp >= kw: warps past rw * kw (rw not dividing the warps) sit out. BX:
+  // every warp takes the block's stages (units past N compute zeros), so that
+  // all of them meet at each stage's barrier.
+  if (BX || (unit < a.units && kp < kw)) {
     const int64_t total = K / kStageK, parts = static_cast<int64_t>(a.splits) * kw, part = split * kw + kp;
     s_begin = static_cast<int>(total * part / parts);
     s_end = static_cast<int>(total * (part + 1) / parts);
@@ -216,7 +225,11 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
     ncode_off = kNestedCodeOff;
     ring_off = kRingOff + warp * S * SB;
   }
-  const int x_off = L::x_off(), sc_off = L::scale_off(M), fin_off = L::finished_off(M);
+  // BX: x is not in the warp's stage but in the block's x ring, after every
+  // warp's ring: S slots of M rows x 512 bytes.
+  const int MX = BX ? 0 : M;
+  const int x_off = L::x_off(), sc_off = L::scale_off(MX), fin_off = L::finished_off(MX);
+  const int xring_off = kRingOff + nwarps * S * SB, XS = M * kXRowBytes;
 
   // ------------------------------------------------ producer: one stage into a ring slot
   // Lane constants of the copies: weight row 4j + l8, chunk q7 (8 lanes per
@@ -238,7 +251,17 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
                             row < N ? 16 : 0);
       }
     }
-    {
+    if constexpr (BX) {
+      // Rows warp, warp + nwarps, ... of x into the block's slot (nwarps is
+      // even, so a warp's rows share a parity).
+      uint8_t* xs = smem + xring_off + slot * XS + ((warp & 1) ? xdst1 : xdst0);
+      const T* xp = xsrc + s * kStageK + static_cast<int64_t>(warp) * K;
+#pragma unroll 1
+      for (int m = warp; m < M; m += nwarps) {
+        cp_async<16, true>(xs + m * kXRowBytes, xp, 16);
+        xp += static_cast<int64_t>(nwarps) * K;
+      }
+    } else {
       // Row m of x goes to m * 512 + (xdst0, with the row-parity bit toggled
       // for odd m): one add and one xor per row.
       const T* xp = xsrc + s * kStageK;
@@ -315,17 +338,24 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
   const uint32_t lut = opaque(smem_s + lut_off + lane * 4);
   const int swg = w_swizzle(g);  // rows 16rt + 8h + g all have (r & 7) == g
   const int fbase = g * kStageRowBytes + (((((t * TB) >> 4) ^ swg) << 4) | ((t * TB) & 15));
-  const int xr = g < M ? g : 0;  // columns >= M read row 0 (never written)
+  // Column g of x tile j is row 8j + g of x; columns >= M read row 0 (never written).
   const int qt = t * (GS / 32);
-  const int xlane = xr * kXRowBytes + ((qt ^ (((qt >> 3) & 1) << 1) ^ ((xr & 1) * (GS == 32 ? 4 : 1))) << 4);
+  int xlane[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int xr = 8 * j + g < M ? 8 * j + g : 0;
+    xlane[j] = xr * kXRowBytes + ((qt ^ (((qt >> 3) & 1) << 1) ^ ((xr & 1) * (GS == 32 ? 4 : 1))) << 4);
+  }
   const int rel = a.block_shift - GS_SHIFT;  // granule -> scale index shift (GS = 128 only)
   const uint32_t ncode = smem_s + ncode_off;
   float offset = 0.0f;
-  float acc[RT][4];
+  float acc[RT][NT][4];
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[rt][i] = 0.0f;
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][j][i] = 0.0f;
 
   auto consume = [&](int slot, const uint4 (&wr)[RT][2][2]) {
     const uint32_t st = smem_s + ring_off + slot * SB;
@@ -404,7 +434,9 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
           }
     }
     const uint32_t wf = st + fbase;
-    const uint32_t xf = st + x_off + xlane;
+    uint32_t xf[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xf[j] = (BX ? smem_s + xring_off + slot * XS : st + x_off) + xlane[j];
 #pragma unroll
     for (int c = 0; c < G; ++c) {
       // Weight words of the granule.
@@ -432,20 +464,22 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
             }
           }
         }
-      float tmp[RT][4];
+      float tmp[RT][NT][4];
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) tmp[rt][i] = 0.0f;
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) tmp[rt][j][i] = 0.0f;
 #pragma unroll
       for (int i = 0; i < WPG; ++i) {
         // The word's 8 x values: chunk c*GS/8 + i (compile time) | t*GS/32 (lane).
         const int qc = c * (GS / 8) + i;
-        const uint4 xv = ld_shared<uint4>(xf ^ ((qc ^ (((qc >> 3) & 1) << 1)) << 4));
+        uint4 xv[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xv[j] = ld_shared<uint4>(xf[j] ^ ((qc ^ (((qc >> 3) & 1) << 1)) << 4));
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          const uint32_t b0 = u ? xv.z : xv.x;
-          const uint32_t b1 = u ? xv.w : xv.y;
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt) {
             uint32_t af[4];
@@ -460,17 +494,21 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
               af[2] = (L256 ? lut256_at<3>(lut, wq[rt][0][i]) : lut_at<3>(lut, wq[rt][0][i]));
               af[3] = (L256 ? lut256_at<3>(lut, wq[rt][1][i]) : lut_at<3>(lut, wq[rt][1][i]));
             }
-            mma16816<T>(tmp[rt], af, b0, b1);
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+              mma16816<T>(tmp[rt][j], af, u ? xv[j].z : xv[j].x, u ? xv[j].w : xv[j].y);
           }
         }
       }
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        acc[rt][0] = fmaf(tmp[rt][0], sc[rt][0][c], acc[rt][0]);
-        acc[rt][1] = fmaf(tmp[rt][1], sc[rt][0][c], acc[rt][1]);
-        acc[rt][2] = fmaf(tmp[rt][2], sc[rt][1][c], acc[rt][2]);
-        acc[rt][3] = fmaf(tmp[rt][3], sc[rt][1][c], acc[rt][3]);
-      }
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          acc[rt][j][0] = fmaf(tmp[rt][j][0], sc[rt][0][c], acc[rt][j][0]);
+          acc[rt][j][1] = fmaf(tmp[rt][j][1], sc[rt][0][c], acc[rt][j][1]);
+          acc[rt][j][2] = fmaf(tmp[rt][j][2], sc[rt][1][c], acc[rt][j][2]);
+          acc[rt][j][3] = fmaf(tmp[rt][j][3], sc[rt][1][c], acc[rt][j][3]);
+        }
     }
   };
 
@@ -506,7 +544,12 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
       cp_async_wait<1>();
     else
       cp_async_wait<0>();
-    syncwarp();  // every lane's copies of stage i landed; every lane is done with slot wrs
+    // Every lane's copies of stage i landed; every lane is done with slot wrs
+    // (BX: every warp's, since the x slot is shared).
+    if constexpr (BX)
+      syncthreads();
+    else
+      syncwarp();
     if (i + S - 1 < nst) issue(s_begin + i + S - 1, wrs);
     cp_async_commit();
     if constexpr (REGS) {
@@ -537,17 +580,20 @@ __host__ __device__ __forceinline__ void gemv_block(const GemvArgs& a, uint8_t* 
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) sts<float>(red_at(((warp * RT + rt) * 4 + i) * 32 + lane), acc[rt][i]);
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        sts<float>(red_at((((warp * RT + rt) * NT + j) * 4 + i) * 32 + lane), acc[rt][j][i]);
   syncthreads();
-  constexpr int PER_UNIT = RT * 4 * 32;
+  constexpr int PER_UNIT = RT * NT * 4 * 32;
   for (int q = tid; q < rw * PER_UNIT; q += nthreads) {
     const int u = q / PER_UNIT, rem = q % PER_UNIT;
-    const int rt = rem / 128, i = (rem / 32) & 3, ln = rem & 31;
+    const int rt = rem / (NT * 128), j = (rem / 128) % NT, i = (rem / 32) & 3, ln = rem & 31;
     float v = 0.0f;
-    for (int k = 0; k < kw; ++k) v += lds<float>(red_at((((u + k * rw) * RT + rt) * 4 + i) * 32 + ln));
+    for (int k = 0; k < kw; ++k) v += lds<float>(red_at(((((u + k * rw) * RT + rt) * NT + j) * 4 + i) * 32 + ln));
     const int un = (bid / a.splits) * rw + u;
     const int row = un * ROWS + 16 * rt + (ln >> 2) + 8 * (i >> 1);
-    const int m = 2 * (ln & 3) + (i & 1);
+    const int m = 8 * j + 2 * (ln & 3) + (i & 1);
     if (un >= a.units || row >= N || m >= M) continue;
     if (a.splits == 1) {
       if (a.bias) v += static_cast<float>(ldg(static_cast<const T*>(a.bias) + row));
@@ -574,6 +620,15 @@ __global__ void __launch_bounds__(L256 ? kLut256Warps * 32 : kMaxThreads, L256 ?
   gemv_block<T, RT, GS, NESTED, REGS, L256>(a, gemv_smem);
 }
 
+// The small-M kernel (M = 9..32): one tile per warp, NT x tiles, x staged per
+// block; 16-warp blocks, one per SM (up to 128 registers).
+constexpr int kBxWarps = 16;
+template <typename T, int GS, bool NESTED, int NT>
+__global__ void __launch_bounds__(kBxWarps * 32, 1) gemm_4bit_bx_kernel(const GemvArgs a) {
+  extern __shared__ __align__(1024) uint8_t gemv_smem[];
+  gemv_block<T, 1, GS, NESTED, false, false, NT, true>(a, gemv_smem);
+}
+
 // ---------------------------------------------------------------- launch shape (host)
 
 struct GemvPlan {
@@ -581,6 +636,8 @@ struct GemvPlan {
   int rt = 1, gs = 128;
   bool regs = false;
   bool lut256 = false;
+  int nt = 1;       // x tiles of 8 rows (the small-M kernel: 2 or 4)
+  bool bx = false;  // the small-M kernel
   int warps = kMaxWarps;
   int stages = 3;
   int stage_bytes = 0;
@@ -670,6 +727,46 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
     splits = (sms + blocks - 1) / blocks;
     if (splits * blocks > slots) splits = slots / blocks > 1 ? slots / blocks : 1;
     if (splits > max_splits) splits = max_splits;
+  }
+  p.splits = static_cast<int>(splits);
+  if (blocks * splits >= (int64_t{1} << 31)) return p;
+  p.blocks = static_cast<int>(blocks * splits);
+  p.ok = true;
+  return p;
+}
+
+// The small-M kernel's launch shape (M = 9..32). Each warp streams one
+// 16-row tile over the block's K range; a block holds kBxWarps (or 8) tiles,
+// all on the same stages, and x is staged once per block and stage. K is
+// split across blocks (fp32 partials and splitk_reduce_kernel) until the
+// blocks cover the SMs, keeping at least two stages per block.
+inline GemvPlan plan_gemm_bx(int M, int64_t N, int64_t K, int64_t blocksize, bool nested, int sms, int smem_per_sm,
+                             int smem_per_block) {
+  GemvPlan p;
+  if (M <= kMaxM || M > 32 || N < 1 || K < kStageK || K % kStageK != 0) return p;
+  p.gs = static_cast<int>(blocksize < 128 ? blocksize : 128);
+  p.rt = 1;
+  p.bx = true;
+  p.nt = M <= 16 ? 2 : 4;
+  const int sb = stage_bytes(1, p.gs, nested, false, 0), xs = M * kXRowBytes;
+  const int configs[4][2] = {{kBxWarps, 3}, {kBxWarps, 2}, {8, 3}, {8, 2}};
+  for (const auto& cfg : configs) {
+    const int warps = cfg[0], stages = cfg[1];
+    const int ring = warps * stages * sb + stages * xs, red = warps * p.nt * 4 * 32 * 4;
+    const int smem = kAlignPad + kRingOff + (ring > red ? ring : red);
+    if (smem > smem_per_block || smem + 1024 > smem_per_sm) continue;
+    p.warps = warps, p.stages = stages, p.stage_bytes = sb, p.smem = smem, p.blocks_per_sm = 1;
+    break;
+  }
+  if (p.blocks_per_sm < 1) return p;
+  const int64_t T = K / kStageK;
+  p.units = static_cast<int>((N + 15) / 16);
+  p.rw = p.warps;
+  const int64_t blocks = (p.units + p.rw - 1) / p.rw;
+  int64_t splits = 1;
+  if (blocks < sms) {
+    splits = sms / blocks;
+    if (splits > T / 2) splits = T / 2 > 1 ? T / 2 : 1;
   }
   p.splits = static_cast<int>(splits);
   if (blocks * splits >= (int64_t{1} << 31)) return p;

@@ -300,6 +300,7 @@ struct Case {
   bool late;
   int warps_override;  // 0: the planner's choice
   bool deep;           // one warp per unit (rw = warps): long per-warp pipelines
+  bool bx;             // the small-M kernel (M = 9..32; variant ignored)
 };
 
 template <typename T>
@@ -346,18 +347,19 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   T* out = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.N));
   for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.N; ++i) out[i] = T(NAN);
 
-  GemvPlan p = plan_gemv(c.variant, c.M, c.N, c.K, c.bs, c.nested, c.sms, 228 * 1024, 227 * 1024);
+  GemvPlan p = c.bx ? plan_gemm_bx(c.M, c.N, c.K, c.bs, c.nested, c.sms, 228 * 1024, 227 * 1024)
+                    : plan_gemv(c.variant, c.M, c.N, c.K, c.bs, c.nested, c.sms, 228 * 1024, 227 * 1024);
   if (!p.ok) {
     why = "planner refused";
     return false;
   }
-  if (c.warps_override) {
+  if (c.warps_override && !c.bx) {
     // Same plan with fewer warps per block (the rw split must still divide).
     p.warps = c.warps_override;
     if (p.rw > p.warps) p.rw = p.warps;
     p.blocks = (p.units + p.rw - 1) / p.rw * p.splits;
   }
-  if (c.deep) {
+  if (c.deep && !c.bx) {
     p.rw = p.warps;
     p.splits = 1;
     p.blocks = (p.units + p.rw - 1) / p.rw;
@@ -390,7 +392,7 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
 
   int ring = p.warps * p.stages * p.stage_bytes, red = p.warps * p.rt * 512;
   const size_t smem_bytes =
-      p.lut256 ? static_cast<size_t>(p.smem) : static_cast<size_t>(kAlignPad + kRingOff + (ring > red ? ring : red));
+      p.lut256 || p.bx ? static_cast<size_t>(p.smem) : static_cast<size_t>(kAlignPad + kRingOff + (ring > red ? ring : red));
   // The buffer sits at the same offset modulo 1 KB as its emulated shared
   // address (as generic and shared addresses of the device agree there).
   const uint32_t base = (seed & 1) ? 0x400 : 0x430;  // aligned as on sm_90, or only to 16 bytes
@@ -443,8 +445,30 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
       }
     }
   };
-  if (p.rt == 1) pick(std::integral_constant<int, 1>());
-  else pick(std::integral_constant<int, 2>());
+  auto pick_bx = [&](auto nt_c) {
+    constexpr int NT_ = decltype(nt_c)::value;
+    auto set = [&](auto gs_c, auto nested_c) {
+      constexpr int GS_ = decltype(gs_c)::value;
+      constexpr bool N_ = decltype(nested_c)::value;
+      body = [&] { gemv_block<T, 1, GS_, N_, false, false, NT_, true>(a, smem); };
+    };
+    using I32 = std::integral_constant<int, 32>;
+    using I64 = std::integral_constant<int, 64>;
+    using I128 = std::integral_constant<int, 128>;
+    using BT = std::true_type;
+    using BF = std::false_type;
+    if (gs == 32) { if (c.nested) set(I32(), BT()); else set(I32(), BF()); }
+    else if (gs == 64) { if (c.nested) set(I64(), BT()); else set(I64(), BF()); }
+    else { if (c.nested) set(I128(), BT()); else set(I128(), BF()); }
+  };
+  if (p.bx) {
+    if (p.nt == 2) pick_bx(std::integral_constant<int, 2>());
+    else pick_bx(std::integral_constant<int, 4>());
+  } else if (p.rt == 1) {
+    pick(std::integral_constant<int, 1>());
+  } else {
+    pick(std::integral_constant<int, 2>());
+  }
 #undef LOWBIT_EMU_BODY
   for (int b = 0; b < p.blocks; ++b) emu::run_block(b, p.warps * 32, body);
 
@@ -514,10 +538,11 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   std::vector<Case> cases;
   if (argc == 14 && std::string(argv[1]) == "--case") {
-    // --case async|regs|lut256 bf16 nested bs M N K sms bias late warps deep
+    // --case async|regs|lut256|bx bf16 nested bs M N K sms bias late warps deep
     Case c{};
     const std::string vs = argv[2];
     c.variant = vs == "regs" ? Variant::kRegs : vs == "lut256" ? Variant::kLut256 : Variant::kAsync;
+    c.bx = vs == "bx";
     c.bf16 = std::atoi(argv[3]);
     c.nested = std::atoi(argv[4]);
     c.bs = std::atoi(argv[5]);
@@ -559,6 +584,25 @@ int main(int argc, char** argv) {
           if (c.deep) c.K = any({1024, 2048, 2816});
           cases.push_back(c);
         }
+  // The small-M kernel: every blocksize class, both scale kinds, M across
+  // both tile counts (partial tiles too), odd N, one or several K splits.
+  for (int bs : {32, 64, 128, 256, 1024})
+    for (bool nested : {false, true})
+      for (int M : {9, 16, 23, 32}) {
+        Case c{};
+        c.bx = true;
+        c.bf16 = pick() % 2;
+        c.nested = nested;
+        c.bs = bs;
+        c.M = M;
+        c.N = any({1, 7, 33, 200, 300});
+        c.K = any({256, 512, 1024, 2816});
+        if (bs == 1024 && c.K % 1024) c.K = 1024 + c.K;
+        c.sms = any({1, 2, 4, 16});
+        c.bias = pick() % 2;
+        c.late = pick() % 2;
+        cases.push_back(c);
+      }
   // Blocks whose warps rw does not divide (6 warps, the planner's rw = 4 for
   // 16 units on 2 SMs): warps 4 and 5 have no share of K and must sit out.
   for (Variant v : {Variant::kAsync, Variant::kRegs})
@@ -586,7 +630,7 @@ int main(int argc, char** argv) {
     const uint64_t seed = 1000 + n;
     const bool ok = run_case(c, seed, why);
     std::printf("%s %-5s %s bs=%-4d %s M=%d N=%-3d K=%-4d sms=%-2d bias=%d %s warps=%d%s %s\n", ok ? "PASS" : "FAIL",
-                c.variant == Variant::kAsync ? "async" : c.variant == Variant::kRegs ? "regs" : "lut256", c.bf16 ? "bf16" : "fp16", c.bs,
+                c.bx ? "bx" : c.variant == Variant::kAsync ? "async" : c.variant == Variant::kRegs ? "regs" : "lut256", c.bf16 ? "bf16" : "fp16", c.bs,
                 c.nested ? "nested" : "plain ", c.M, c.N, c.K, c.sms, c.bias, c.late ? "late " : "early",
                 c.warps_override, c.deep ? " deep" : "", why.c_str());
     std::fflush(stdout);

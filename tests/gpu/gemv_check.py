@@ -6,6 +6,7 @@ per process, so each variant runs in a subprocess of this script:
 
   python tests/gpu/gemv_check.py                 # async, regs, lut256 and tc
   python tests/gpu/gemv_check.py --variants async --quick
+  python tests/gpu/gemv_check.py --variants async --ms 9,12,16,17,24,31,32   # the small-M kernel
 
 For M in 1..8, N in {1, 7, 4096, 4097, 11008, 28672}, K in {256, 4096, 11008,
 8192}, blocksizes {64, 128, 256, 4096}, nf4 and fp4, nested and plain scales,
@@ -41,7 +42,7 @@ def poison(nbytes=256 << 20):
     del t
 
 
-def worker(variant, quick):
+def worker(variant, quick, ms=MS):
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
@@ -57,7 +58,7 @@ def worker(variant, quick):
         del w
         W32 = F.dequantize_4bit(packed, st, torch.float32)
         for dtype, with_bias in itertools.product([torch.bfloat16, torch.float16], [False, True]):
-            x_all = torch.randn(max(MS), K, device="cuda").to(dtype)
+            x_all = torch.randn(max(ms), K, device="cuda").to(dtype)
             bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
             ref_all = x_all.double() @ W32.double().t()
             if bias is not None:
@@ -70,7 +71,7 @@ def worker(variant, quick):
             eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
             bad = []
             worst = 0.0
-            for M in MS:
+            for M in ms:
                 x = x_all[:M]
                 poison()
                 out1 = F.matmul_4bit(x, packed, st, bias)
@@ -110,7 +111,7 @@ def worker(variant, quick):
                 fails += 1
                 print(f"FAIL {what}: " + "; ".join(bad), flush=True)
             else:
-                print(f"PASS {what} M=1..8 (worst error / limit {worst:.2f})", flush=True)
+                print(f"PASS {what} M={','.join(map(str, ms))} (worst error / limit {worst:.2f})", flush=True)
         del packed, st, W32
         torch.cuda.empty_cache()
     print(f"{variant}: {lines - fails} passed, {fails} failed", flush=True)
@@ -121,14 +122,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--quick", action="store_true", help="small N and K only")
+    ap.add_argument("--ms", default=",".join(map(str, MS)),
+                    help="rows of x (default 1-8, the GEMV; 9-32 run the small-M kernel whatever the variant)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        sys.exit(worker(args.worker, args.quick))
+        sys.exit(worker(args.worker, args.quick, [int(m) for m in args.ms.split(",")]))
     status = 0
     for v in args.variants.split(","):
         env = dict(os.environ, LOWBIT_GEMV_VARIANT=v)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", v] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", v, "--ms", args.ms] + (["--quick"] if args.quick else [])
         rc = subprocess.call(cmd, env=env)
         print(f"== variant {v}: {'PASS' if rc == 0 else 'FAIL'} (exit {rc})", flush=True)
         status |= rc != 0
