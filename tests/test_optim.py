@@ -2,8 +2,8 @@
 
 The reference below is the quantized AdamW step written in plain PyTorch
 float32 from the documented math (csrc/core/adamw8bit.h header comment), not
-from the C++: dequantize m/v per 256-block, torch.optim.AdamW's update with
-decay first, a non-finite gradient element keeps everything, new absmax per
+from the C++: dequantize m/v per 256-block, the update in SPEC section 8 form
+(decay first, as torch), a non-finite gradient element keeps everything, new absmax per
 block, nearest map entry (ties to the lower one). It derives the per-step
 scalars the documented way (b^t by repeated squaring in float64), so the op must
 agree with it exactly, parameters and codes alike.
@@ -51,9 +51,10 @@ def ref_scalars(lr, step, b1, b2, eps, wd):
     t = max(int(step), 1)
     lr = float(f32(lr))
     return dict(
-        b1=f32(b1), b2=f32(b2), omb1=f32(1.0 - b1), omb2=f32(1.0 - b2), eps=f32(eps),
-        decay=f32(1.0 - lr * wd), step_size=f32(lr / (1.0 - pow_int(b1, t))),
-        bc2_sqrt=f32(math.sqrt(1.0 - pow_int(b2, t))),
+        b1=f32(b1), b2=f32(b2), omb1=f32(1.0 - b1), omb2=f32(1.0 - b2),
+        eps_hat=f32(eps * math.sqrt(1.0 - pow_int(b2, t))),
+        decay=f32(1.0 - lr * wd),
+        step_size=f32(lr * math.sqrt(1.0 - pow_int(b2, t)) / (1.0 - pow_int(b1, t))),
     )
 
 
@@ -99,7 +100,7 @@ def ref_step(p, g, st, lr, betas, eps, wd):
     ok = torch.isfinite(gf)
     m_new = s["b1"] * m + s["omb1"] * gf
     v_new = s["b2"] * v + s["omb2"] * (gf * gf)
-    denom = div(sqrt(v_new), s["bc2_sqrt"]) + s["eps"]
+    denom = sqrt(v_new) + s["eps_hat"]
     p_new = pf * s["decay"]
     p_new = p_new - s["step_size"] * div(m_new, denom)
     m = torch.where(ok, m_new, m)

@@ -4,11 +4,14 @@
 //
 // Conventions (the optimizer's documented behaviour):
 //  * Weight decay is decoupled and applied BEFORE the Adam update, as
-//    torch.optim.AdamW does:  p = p * (1 - lr*wd);  p = p - (lr/bc1) * m / denom.
-//  * Bias correction and eps as torch.optim.AdamW:
+//    torch.optim.AdamW does:  p = p * (1 - lr*wd), then the Adam update.
+//  * Bias correction and eps in SPEC section 8's form (bnb's):
 //      bc1 = 1 - beta1^t,  bc2 = 1 - beta2^t,
-//      denom = sqrt(v) / sqrt(bc2) + eps
-//    (the same quantity as bnb's sqrt(bc2)/bc1 * m / (sqrt(v) + eps*sqrt(bc2))).
+//      p = p - (lr*sqrt(bc2)/bc1) * m / (sqrt(v) + eps*sqrt(bc2)),
+//    algebraically torch.optim.AdamW's (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+//    but with one division per element instead of two: the two per-step
+//    factors are computed once, in double, and rounded to float. The result
+//    differs from torch's float32 arithmetic by a few roundings at most.
 //  * m = beta1*m + (1-beta1)*g,  v = beta2*v + (1-beta2)*g*g.
 //  * A non-finite gradient element (NaN or +-inf) leaves its parameter, m and v
 //    untouched (no decay either); its m and v are re-encoded with the block's
@@ -102,10 +105,9 @@ LOWBIT_HD double pow_int(double b, int64_t t) {
 struct AdamWScalars {
   float beta1, beta2;
   float one_minus_beta1, one_minus_beta2;
-  float eps;
+  float eps_hat;    // eps * sqrt(1 - beta2^t)
   float decay;      // 1 - lr * weight_decay
-  float step_size;  // lr / (1 - beta1^t)
-  float bc2_sqrt;   // sqrt(1 - beta2^t)
+  float step_size;  // lr * sqrt(1 - beta2^t) / (1 - beta1^t)
 };
 
 // `step` is the count including the step being taken (1 on the first update).
@@ -120,10 +122,10 @@ LOWBIT_HD AdamWScalars make_scalars(float lr, float step, double beta1, double b
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
+  const double bc2_sqrt = dsqrt(1.0 - pow_int(beta2, t));
+  s.eps_hat = static_cast<float>(dmul(eps, bc2_sqrt));
   s.decay = static_cast<float>(1.0 - dmul(dlr, weight_decay));
-  s.step_size = static_cast<float>(dlr / (1.0 - pow_int(beta1, t)));
-  s.bc2_sqrt = static_cast<float>(dsqrt(1.0 - pow_int(beta2, t)));
+  s.step_size = static_cast<float>(dmul(dlr, bc2_sqrt) / (1.0 - pow_int(beta1, t)));
   return s;
 }
 
@@ -132,7 +134,7 @@ LOWBIT_HD bool adamw_element(const AdamWScalars& s, float g, float& p, float& m,
   if (!is_finite(g)) return false;
   m = fadd(fmul(s.beta1, m), fmul(s.one_minus_beta1, g));
   v = fadd(fmul(s.beta2, v), fmul(s.one_minus_beta2, fmul(g, g)));
-  const float denom = fadd(fdiv(fsqrt(v), s.bc2_sqrt), s.eps);
+  const float denom = fadd(fsqrt(v), s.eps_hat);
   p = fmul(p, s.decay);
   p = fsub(p, fmul(s.step_size, fdiv(m, denom)));
   return true;

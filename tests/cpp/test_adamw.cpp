@@ -37,10 +37,11 @@ TEST_CASE("pow_int matches pow", "[adamw]") {
   }
 }
 
-TEST_CASE("scalars follow torch.optim.AdamW's bias correction", "[adamw]") {
+TEST_CASE("scalars carry the bias corrections (SPEC section 8 form)", "[adamw]") {
   const AdamWScalars s = make_scalars(1e-3f, 10.0f, 0.9, 0.999, 1e-8, 0.01);
-  CHECK(s.step_size == Approx(1e-3 / (1.0 - std::pow(0.9, 10))).epsilon(1e-6));
-  CHECK(s.bc2_sqrt == Approx(std::sqrt(1.0 - std::pow(0.999, 10))).epsilon(1e-6));
+  const double bc2_sqrt = std::sqrt(1.0 - std::pow(0.999, 10));
+  CHECK(s.step_size == Approx(1e-3 * bc2_sqrt / (1.0 - std::pow(0.9, 10))).epsilon(1e-6));
+  CHECK(s.eps_hat == Approx(1e-8 * bc2_sqrt).epsilon(1e-6));
   CHECK(s.decay == Approx(1.0 - 1e-3 * 0.01).epsilon(1e-7));
   CHECK(s.one_minus_beta1 == Approx(0.1).epsilon(1e-7));
   // a step of 0 is treated as 1, never a division by zero

@@ -15,8 +15,10 @@ CPU and CUDA and between AdamW8bit and PagedAdamW8bit.
 Math (one fused op per parameter group and device -- a CUDA step of large
 parameters in a few calls of growing size, see _call_slices --
 csrc/core/adamw8bit.h):
-torch.optim.AdamW's order and bias correction -- decoupled decay first,
-p *= 1 - lr*wd, then p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps) --
+torch.optim.AdamW's order -- decoupled decay first, p *= 1 - lr*wd -- then
+the update in SPEC's (bnb's) form, one division per element:
+p -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps*sqrt(1-b2^t)), the same
+quantity as torch's lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps) --
 with m and v dequantized per block before and re-quantized (nearest map entry,
 new block absmax) after. A non-finite gradient element leaves its parameter
 and both states unchanged.
