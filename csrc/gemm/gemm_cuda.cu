@@ -3,7 +3,9 @@
 //   gemm_4bit   M <= 8, fp16/bf16, K % 256 == 0, aligned: decode GEMV
 //               (gemv_kernels.cuh; LOWBIT_GEMV_VARIANT picks the kernel)
 //               M = 9..32, the same conditions: the small-M kernel (the GEMV's
-//               body with x staged once per block, 2 or 4 x tiles per fragment)
+//               body with x staged once per block, two weight tiles per warp,
+//               2 or 4 x tiles per fragment; LOWBIT_GEMM_SMALLM=0 turns it off
+//               so that benchmarks can compare it with the next path)
 //               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
 //   gemm_4bit_t M <= 4, fp16/bf16, K % 16 == 0: fused transposed GEMV
@@ -227,6 +229,12 @@ void launch_gemm_bx_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan
   }
 }
 
+template <typename T, int NT>
+void launch_gemm_bx_n(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, bool nested, cudaStream_t stream) {
+  if (nested) launch_gemm_bx_gs<T, true, NT>(a, g, stream);
+  else launch_gemm_bx_gs<T, false, NT>(a, g, stream);
+}
+
 template <typename T, int RT, bool NESTED>
 void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, cudaStream_t stream) {
   if constexpr (RT == 1) {
@@ -255,13 +263,8 @@ void launch_gemv_gs(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g
 template <typename T>
 void launch_gemv(const cuda::gemv::GemvArgs& a, const cuda::gemv::GemvPlan& g, bool nested, cudaStream_t stream) {
   if (g.bx) {
-    if (g.nt == 2) {
-      if (nested) launch_gemm_bx_gs<T, true, 2>(a, g, stream);
-      else launch_gemm_bx_gs<T, false, 2>(a, g, stream);
-    } else {
-      if (nested) launch_gemm_bx_gs<T, true, 4>(a, g, stream);
-      else launch_gemm_bx_gs<T, false, 4>(a, g, stream);
-    }
+    if (g.nt == 2) launch_gemm_bx_n<T, 2>(a, g, nested, stream);
+    else launch_gemm_bx_n<T, 4>(a, g, nested, stream);
     return;
   }
   if (g.rt == 1) {
@@ -334,7 +337,11 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
     if (g.ok) return gemv(p, g, stream).reshape(p.out_shape);
   }
   // M = 9..32: the small-M kernel (x staged once per block, several x tiles per decoded fragment).
-  if (p.M > cuda::gemv::kMaxM && gemv_eligible(p, 32)) {
+  static const bool smallm_on = [] {
+    const char* e = std::getenv("LOWBIT_GEMM_SMALLM");
+    return !(e && e[0] == '0');
+  }();
+  if (smallm_on && p.M > cuda::gemv::kMaxM && gemv_eligible(p, 32)) {
     const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
     const cuda::gemv::GemvPlan g = cuda::gemv::plan_gemm_bx(
         static_cast<int>(p.M), N, K, p.w.blocksize, p.w.nested(), prop.multiProcessorCount,

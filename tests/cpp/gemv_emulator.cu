@@ -450,7 +450,7 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
     auto set = [&](auto gs_c, auto nested_c) {
       constexpr int GS_ = decltype(gs_c)::value;
       constexpr bool N_ = decltype(nested_c)::value;
-      body = [&] { gemv_block<T, 1, GS_, N_, false, false, NT_, true>(a, smem); };
+      body = [&] { gemv_block<T, kBxRt, GS_, N_, false, false, NT_, true>(a, smem); };
     };
     using I32 = std::integral_constant<int, 32>;
     using I64 = std::integral_constant<int, 64>;
