@@ -624,6 +624,7 @@ __global__ void __launch_bounds__(L256 ? kLut256Warps * 32 : kMaxThreads, L256 ?
 // tiles per warp, so each x fragment read from shared memory feeds 2 * NT
 // mma (one tile per warp reads x twice as often per weight byte: 2-13% slower
 // on the H100, NOTES_gemm v4). 8-warp blocks, one per SM, up to 255 registers.
+constexpr int kBxMaxM = 32;  // rows of x per launch
 constexpr int kBxWarps = 8;
 constexpr int kBxRt = 2;
 template <typename T, int GS, bool NESTED, int NT>
@@ -746,7 +747,7 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
 inline GemvPlan plan_gemm_bx(int M, int64_t N, int64_t K, int64_t blocksize, bool nested, int sms, int smem_per_sm,
                              int smem_per_block) {
   GemvPlan p;
-  if (M <= kMaxM || M > 32 || N < 1 || K < kStageK || K % kStageK != 0) return p;
+  if (M <= kMaxM || M > kBxMaxM || N < 1 || K < kStageK || K % kStageK != 0) return p;
   constexpr int rt = kBxRt;
   p.gs = static_cast<int>(blocksize < 128 ? blocksize : 128);
   p.rt = rt;
