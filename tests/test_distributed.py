@@ -161,6 +161,20 @@ def _launch(mode, out):
 
 
 
+def assert_close_8bit(got, want, what):
+    """DDP's gradient (the mean of the ranks' means) differs from the
+    single-process one by float rounding, and with 8-bit optimizer states such
+    a difference can move one element's m or v to the neighbouring code: that
+    element's parameter then differs by a fraction of one update (lr = 1e-2).
+    So: every element within 1e-3, and all but 1% of them within float
+    tolerance."""
+    diff = (got - want).abs()
+    tight = diff <= 1e-6 + 1e-5 * want.abs()
+    assert diff.max().item() <= 1e-3, f"{what}: max abs diff {diff.max().item():.3g}"
+    assert int((~tight).sum()) <= max(1, want.numel() // 100), \
+        f"{what}: {int((~tight).sum())} of {want.numel()} elements off (max abs diff {diff.max().item():.3g})"
+
+
 def test_ddp_matches_single_process(tmp_path):
     ranks = _launch("ddp", tmp_path)
     losses, lora = train_single()
@@ -168,7 +182,7 @@ def test_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(res["losses"], losses, rtol=1e-5, atol=1e-7, msg=f"rank {r} loss curve")
         assert res["lora"].keys() == lora.keys()
         for k in lora:
-            torch.testing.assert_close(res["lora"][k], lora[k], rtol=1e-5, atol=1e-6, msg=f"rank {r} {k}")
+            assert_close_8bit(res["lora"][k], lora[k], f"rank {r} {k}")
             # What rank 0 saved loads back exactly, on every rank.
             assert torch.equal(res["loaded"][k], ranks[0]["lora"][k]), f"rank {r}: loaded {k} differs"
     assert losses[-1] < losses[0]
