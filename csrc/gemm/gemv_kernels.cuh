@@ -739,9 +739,10 @@ inline GemvPlan plan_gemv(Variant v, int M, int64_t N, int64_t K, int64_t blocks
   return p;
 }
 
-// The small-M kernel's launch shape (M = 9..32). Each warp streams one
-// 16-row tile over the block's K range; a block holds kBxWarps (or 8) tiles,
-// all on the same stages, and x is staged once per block and stage. K is
+// The small-M kernel's launch shape (M = 9..32). Each warp streams two
+// 16-row tiles over the block's K range; a block holds kBxWarps warps (or
+// half as many when shared memory is short), all on the same stages, and x
+// is staged once per block and stage. K is
 // split across blocks (fp32 partials and splitk_reduce_kernel) until the
 // blocks cover the SMs, keeping at least two stages per block.
 inline GemvPlan plan_gemm_bx(int M, int64_t N, int64_t K, int64_t blocksize, bool nested, int sms, int smem_per_sm,
