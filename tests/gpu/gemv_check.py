@@ -7,6 +7,7 @@ per process, so each variant runs in a subprocess of this script:
   python tests/gpu/gemv_check.py                 # async, regs, lut256 and tc
   python tests/gpu/gemv_check.py --variants async --quick
   python tests/gpu/gemv_check.py --variants async --ms 9,12,16,17,24,31,32   # the small-M kernel
+  python tests/gpu/gemv_check.py --variants async --ms 33,40,47,48,63,64     # ... once per half of the rows
 
 For M in 1..8, N in {1, 7, 4096, 4097, 11008, 28672}, K in {256, 4096, 11008,
 8192}, blocksizes {64, 128, 256, 4096}, nf4 and fp4, nested and plain scales,
@@ -123,7 +124,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--quick", action="store_true", help="small N and K only")
     ap.add_argument("--ms", default=",".join(map(str, MS)),
-                    help="rows of x (default 1-8, the GEMV; 9-32 run the small-M kernel whatever the variant)")
+                    help="rows of x (default 1-8, the GEMV; 9-64 run the small-M kernel whatever the variant)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
