@@ -49,10 +49,11 @@ __device__ __forceinline__ void unpack2<c10::Half>(uint32_t w, float& a, float& 
 // N (4 or 8) consecutive elements x[base .. base+N) as floats; elements at or
 // past n read as 0. `vec` says the access may be vectorized: x + base is
 // aligned to the vector (4 * N bytes for float, 2 * N for 16-bit types).
-template <int N, typename T>
+// IN_RANGE: the caller guarantees `vec` and base + N <= n (no checks emitted).
+template <int N, bool IN_RANGE = false, typename T>
 __device__ __forceinline__ void load_n(const T* __restrict__ x, int64_t base, int64_t n, bool vec, float v[N]) {
   static_assert(N == 4 || N == 8, "4 or 8 elements");
-  if (vec && base + N <= n) {
+  if (IN_RANGE || (vec && base + N <= n)) {
     if constexpr (sizeof(T) == 4) {
 #pragma unroll
       for (int h = 0; h < N / 4; ++h) {
@@ -82,10 +83,11 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 }
 
 // Stores N (4 or 8) floats to out[base .. base+N) (only the elements before n).
-template <int N, typename T>
+// IN_RANGE as for load_n.
+template <int N, bool IN_RANGE = false, typename T>
 __device__ __forceinline__ void store_n(T* __restrict__ out, int64_t base, int64_t n, bool vec, const float v[N]) {
   static_assert(N == 4 || N == 8, "4 or 8 elements");
-  if (vec && base + N <= n) {
+  if (IN_RANGE || (vec && base + N <= n)) {
     if constexpr (sizeof(T) == 4) {
 #pragma unroll
       for (int h = 0; h < N / 4; ++h)

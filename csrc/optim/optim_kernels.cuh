@@ -126,8 +126,10 @@ __global__ void __launch_bounds__(1024) adam_prologue_kernel(const float* __rest
     atomicAdd(steps.step[i], 1.0f);
 }
 
+// IN_RANGE: the caller guarantees `vec` and base + 4 <= n (no checks emitted).
+template <bool IN_RANGE = false>
 __device__ __forceinline__ uint32_t load4_u8(const uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec) {
-  if (vec && base + 4 <= n) return *reinterpret_cast<const uint32_t*>(q + base);
+  if (IN_RANGE || (vec && base + 4 <= n)) return *reinterpret_cast<const uint32_t*>(q + base);
   uint32_t w = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -135,8 +137,9 @@ __device__ __forceinline__ uint32_t load4_u8(const uint8_t* __restrict__ q, int6
   return w;
 }
 
+template <bool IN_RANGE = false>
 __device__ __forceinline__ void store4_u8(uint8_t* __restrict__ q, int64_t base, int64_t n, bool vec, uint32_t w) {
-  if (vec && base + 4 <= n) {
+  if (IN_RANGE || (vec && base + 4 <= n)) {
     *reinterpret_cast<uint32_t*>(q + base) = w;
   } else {
 #pragma unroll
@@ -158,6 +161,28 @@ __device__ __forceinline__ uint32_t encode_state(const SharedMaps& sm, bool firs
     return first ? core::encode_8bit(sm.code1, x) : core::encode_8bit(sm.code2, x);
 }
 
+// IEEE square root (sqrt.rn) in two parts. For v in [2^-101, FLT_MAX]
+// sqrt.rn.f32 compiles to this instruction sequence (a reciprocal square root
+// estimate and one Newton correction, exactly rounded in that range; the
+// compiler branches to a slow path for every other input). sqrt_rn_fast
+// computes it unconditionally and flags an input outside the range, so that a
+// caller with many elements can redo only those, with __fsqrt_rn, behind one
+// branch. The result for an in-range input equals __fsqrt_rn bit for bit
+// (tests/gpu/sqrt_check.py compares all 2^31 non-negative floats).
+__device__ __forceinline__ bool sqrt_fast_in_range(float v) {
+  return __float_as_uint(v) - 0x0D000000u <= 0x727FFFFFu;
+}
+__device__ __forceinline__ float sqrt_rn_fast(float v, bool& slow) {
+  float r, s, h;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  asm("mul.ftz.f32 %0, %1, %2;" : "=f"(s) : "f"(v), "f"(r));
+  asm("mul.ftz.f32 %0, %1, 0f3F000000;" : "=f"(h) : "f"(r));
+  const float e = __fmaf_rn(-s, s, v);
+  s = __fmaf_rn(e, h, s);
+  slow |= !sqrt_fast_in_range(v);
+  return s;
+}
+
 // One 256-element block of an 8-bit parameter, one warp: lane l owns elements
 // 4l..4l+3 and 128+4l..128+4l+3, so every load and store of the warp is one
 // contiguous span. FULL: the block lies wholly before n (no bounds checks).
@@ -174,27 +199,58 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     base[h] = block_start + h * 128 + lane * 4;
-    load_n<4>(p, base[h], n, FULL || vec_p, pv[h]);
-    load_n<4>(g, base[h], n, FULL || vec_p, gv[h]);
-    w1[h] = load4_u8(q1, base[h], n, FULL || vec_s);
-    w2[h] = load4_u8(q2, base[h], n, FULL || vec_s);
+    load_n<4, FULL>(p, base[h], n, vec_p, pv[h]);
+    load_n<4, FULL>(g, base[h], n, vec_p, gv[h]);
+    w1[h] = load4_u8<FULL>(q1, base[h], n, vec_s);
+    w2[h] = load4_u8<FULL>(q2, base[h], n, vec_s);
   }
   const float am1 = a1[qblock], am2 = a2[qblock];
   float max1 = 0.0f, max2 = 0.0f;
+  // core::adamw_element's arithmetic, operation for operation, in two passes
+  // so that the square root's out-of-range fix-up is one branch per lane
+  // instead of one per element (see sqrt_rn_fast). Pass 1: the moments and
+  // sqrt(v); a non-finite gradient keeps the element's m, v and p.
+  float sq[2][4];
+  uint32_t ok = 0;
+  bool sqrt_slow = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (FULL || base[h] + j < n) {
-        mv[h][j] = __fmul_rn(sm.code1[(w1[h] >> (8 * j)) & 0xFF], am1);
-        vv[h][j] = __fmul_rn(sm.code2[(w2[h] >> (8 * j)) & 0xFF], am2);
-        core::adamw_element(s, gv[h][j], pv[h][j], mv[h][j], vv[h][j]);
+        const float m0 = __fmul_rn(sm.code1[(w1[h] >> (8 * j)) & 0xFF], am1);
+        const float v0 = __fmul_rn(sm.code2[(w2[h] >> (8 * j)) & 0xFF], am2);
+        const float gj = gv[h][j];
+        const bool fin = core::is_finite(gj);
+        const float m1 = __fadd_rn(__fmul_rn(s.beta1, m0), __fmul_rn(s.one_minus_beta1, gj));
+        const float v1 = __fadd_rn(__fmul_rn(s.beta2, v0), __fmul_rn(s.one_minus_beta2, __fmul_rn(gj, gj)));
+        mv[h][j] = fin ? m1 : m0;
+        vv[h][j] = fin ? v1 : v0;
+        ok |= (fin ? 1u : 0u) << (4 * h + j);
+        sq[h][j] = sqrt_rn_fast(vv[h][j], sqrt_slow);
       } else {
         mv[h][j] = 0.0f;  // past the end: must not raise the block absmax
         vv[h][j] = 0.0f;
+        sq[h][j] = 0.0f;
       }
       max1 = core::absmax_combine(max1, core::absmax_term(mv[h][j]));
       max2 = core::absmax_combine(max2, core::absmax_term(vv[h][j]));
+    }
+  if (sqrt_slow) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (!sqrt_fast_in_range(vv[h][j]) && (FULL || base[h] + j < n)) sq[h][j] = __fsqrt_rn(vv[h][j]);
+  }
+  // Pass 2: the parameter.
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float denom = __fadd_rn(sq[h][j], s.eps_hat);
+      const float pn = __fsub_rn(__fmul_rn(pv[h][j], s.decay), __fmul_rn(s.step_size, __fdiv_rn(mv[h][j], denom)));
+      if (ok & (1u << (4 * h + j))) pv[h][j] = pn;
     }
   // Every lane has read the old absmax before any lane passes the shuffles,
   // so lane 0 may overwrite it afterwards.
@@ -209,18 +265,33 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
     a2[qblock] = new2;
   }
   const core::InverseScale inv1 = core::inverse_scale(new1), inv2 = core::inverse_scale(new2);
+  // The usual block (absmax >= 2^-64) scales with one multiply: x * 1.0f is x
+  // exactly, so this is InverseScale's (x * pre) * inv bit for bit. The
+  // condition is the same for the whole warp (one block), so it does not diverge.
+  uint32_t c1[2] = {0, 0}, c2[2] = {0, 0};
+  if (inv1.pre == 1.0f && inv2.pre == 1.0f) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        c1[h] |= encode_state<CELLS>(sm, true, __fmul_rn(mv[h][j], inv1.inv)) << (8 * j);
+        c2[h] |= encode_state<CELLS>(sm, false, __fmul_rn(vv[h][j], inv2.inv)) << (8 * j);
+      }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        c1[h] |= encode_state<CELLS>(sm, true, inv1(mv[h][j])) << (8 * j);
+        c2[h] |= encode_state<CELLS>(sm, false, inv2(vv[h][j])) << (8 * j);
+      }
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    uint32_t c1 = 0, c2 = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      c1 |= encode_state<CELLS>(sm, true, inv1(mv[h][j])) << (8 * j);
-      c2 |= encode_state<CELLS>(sm, false, inv2(vv[h][j])) << (8 * j);
-    }
     // A skipped (non-finite gradient) element stores its unchanged value back.
-    store_n<4>(p, base[h], n, FULL || vec_p, pv[h]);
-    store4_u8(q1, base[h], n, FULL || vec_s, c1);
-    store4_u8(q2, base[h], n, FULL || vec_s, c2);
+    store_n<4, FULL>(p, base[h], n, vec_p, pv[h]);
+    store4_u8<FULL>(q1, base[h], n, vec_s, c1[h]);
+    store4_u8<FULL>(q2, base[h], n, vec_s, c2[h]);
   }
 }
 

@@ -38,6 +38,12 @@ step "adam host check"
 PYTHONPATH="python:${PYTHONPATH:-}" python3 tests/gpu/adam_host_check.py 2>&1 | tee "$LOG_DIR/adam_host_check.log" | tail -12
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "optimizer square root check (all non-negative floats)"
+TORCH_INC=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+nvcc -std=c++17 -O3 -arch=native -Icsrc $TORCH_INC -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
+  tests/gpu/sqrt_check.cu -o "$LOG_DIR/sqrt_check" && "$LOG_DIR/sqrt_check" | tee "$LOG_DIR/sqrt_check.log" || status=1
+
 if [ -n "${BENCH_MODE:-}" ]; then
   step "benchmarks ($BENCH_MODE)"
   PYTHONPATH="python:${PYTHONPATH:-}" python3 benchmarks/bench.py --mode "$BENCH_MODE" --json "$LOG_DIR/bench.json" 2>&1 | tee "$LOG_DIR/bench.log" || status=1
