@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "optim/optim_common.h"
@@ -88,6 +89,16 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   args.beta2 = beta2;
   args.eps = eps;
   args.weight_decay = weight_decay;
+  // How many 256-element blocks ahead each warp asks L2 for its next data
+  // (sm_90 bulk prefetch). On the H100 one block ahead made the 1.07e9-parameter
+  // step 3-5% faster; two or four were 12-33% slower (benchmarks/NOTES_optim.md).
+  // LOWBIT_ADAM_PREFETCH (0..4) overrides it for measurements.
+  static const int prefetch = [] {
+    const char* e = std::getenv("LOWBIT_ADAM_PREFETCH");
+    const int v = e ? std::atoi(e) : 1;
+    return v < 0 ? 0 : (v > 4 ? 4 : v);
+  }();
+  args.prefetch = prefetch;
 
   std::vector<const AdamTensor*> by_type[3];
   bool any_eight_bit = false;

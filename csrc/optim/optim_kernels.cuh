@@ -58,6 +58,7 @@ struct AdamArgs {
   const float* lr_ptr;  // device lr, or nullptr to use lr_value
   float lr_value;
   double beta1, beta2, eps, weight_decay;
+  int prefetch;  // 256-element blocks a warp asks L2 for ahead of use (0: none; sm_90)
 };
 
 static_assert(sizeof(AdamTensorList) + sizeof(AdamArgs) + sizeof(const uint8_t*) <= kMaxParamBytes,
@@ -295,6 +296,18 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
   }
 }
 
+// Asks L2 for `bytes` at `ptr` (one bulk prefetch, sm_90; no registers held,
+// nothing waits on it). A no-op elsewhere or for an unaligned range.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if ((reinterpret_cast<uintptr_t>(ptr) & 15u) == 0 && bytes % 16 == 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
 // At most 64 registers: four blocks (32 warps) per SM keep enough loads in flight.
 template <typename T>
 __global__ void __launch_bounds__(kAdamThreads, 4)
@@ -376,6 +389,18 @@ __global__ void __launch_bounds__(kAdamThreads, 4)
     const int64_t qblock = chunk * (kAdamWarps * kBlocksPerWarp) + it * kAdamWarps + warp;
     const int64_t block_start = qblock * core::kAdamBlock;
     if (block_start >= n) break;
+    if (args.prefetch > 0 && lane < 4) {
+      // This warp's blocks it+1 .. it+prefetch of the chunk: all of them on the
+      // first pass, afterwards only the one that came into range.
+      for (int a = it == 0 ? 1 : it + args.prefetch; a <= it + args.prefetch && a < kBlocksPerWarp; ++a) {
+        const int64_t ahead = (qblock + int64_t{a - it} * kAdamWarps) * core::kAdamBlock;
+        if (ahead + core::kAdamBlock > n) break;
+        if (lane == 0) prefetch_l2(p + ahead, core::kAdamBlock * sizeof(T));
+        if (lane == 1) prefetch_l2(g + ahead, core::kAdamBlock * sizeof(T));
+        if (lane == 2) prefetch_l2(q1 + ahead, core::kAdamBlock);
+        if (lane == 3) prefetch_l2(q2 + ahead, core::kAdamBlock);
+      }
+    }
     const bool full = block_start + core::kAdamBlock <= n && vec_p && vec_s;
     if (cells) {
       if (full)
