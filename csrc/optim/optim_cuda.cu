@@ -91,7 +91,7 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   args.weight_decay = weight_decay;
   // How many 256-element blocks ahead each warp asks L2 for its next data
   // (sm_90 bulk prefetch). On the H100 one block ahead made the 1.07e9-parameter
-  // step 3-5% faster; two or four were 12-33% slower (benchmarks/NOTES_optim.md).
+  // step 2-5% faster; two or four were 12-33% slower (benchmarks/NOTES_optim.md).
   // LOWBIT_ADAM_PREFETCH (0..4) overrides it for measurements.
   static const int prefetch = [] {
     const char* e = std::getenv("LOWBIT_ADAM_PREFETCH");

@@ -169,7 +169,7 @@ __device__ __forceinline__ uint32_t encode_state(const SharedMaps& sm, bool firs
 // computes it unconditionally and flags an input outside the range, so that a
 // caller with many elements can redo only those, with __fsqrt_rn, behind one
 // branch. The result for an in-range input equals __fsqrt_rn bit for bit
-// (tests/gpu/sqrt_check.py compares all 2^31 non-negative floats).
+// (tests/gpu/sqrt_check.cu compares all 2^31 non-negative floats).
 __device__ __forceinline__ bool sqrt_fast_in_range(float v) {
   return __float_as_uint(v) - 0x0D000000u <= 0x727FFFFFu;
 }
