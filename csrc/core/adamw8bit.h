@@ -129,14 +129,24 @@ LOWBIT_HD AdamWScalars make_scalars(float lr, float step, double beta1, double b
   return s;
 }
 
+// The two halves of one element's update, so that a caller can compute the
+// square root between them its own way (the CUDA kernel batches the slow
+// path of sqrt.rn). adamw_element below is the whole update.
+LOWBIT_HD void adamw_moments(const AdamWScalars& s, float g, float& m, float& v) {
+  m = fadd(fmul(s.beta1, m), fmul(s.one_minus_beta1, g));
+  v = fadd(fmul(s.beta2, v), fmul(s.one_minus_beta2, fmul(g, g)));
+}
+// The parameter after decay and update, given m and sqrt(v) (exactly rounded).
+LOWBIT_HD float adamw_param(const AdamWScalars& s, float p, float m, float sqrt_v) {
+  const float denom = fadd(sqrt_v, s.eps_hat);
+  return fsub(fmul(p, s.decay), fmul(s.step_size, fdiv(m, denom)));
+}
+
 // One element. Returns false (and changes nothing) for a non-finite gradient.
 LOWBIT_HD bool adamw_element(const AdamWScalars& s, float g, float& p, float& m, float& v) {
   if (!is_finite(g)) return false;
-  m = fadd(fmul(s.beta1, m), fmul(s.one_minus_beta1, g));
-  v = fadd(fmul(s.beta2, v), fmul(s.one_minus_beta2, fmul(g, g)));
-  const float denom = fadd(fsqrt(v), s.eps_hat);
-  p = fmul(p, s.decay);
-  p = fsub(p, fmul(s.step_size, fdiv(m, denom)));
+  adamw_moments(s, g, m, v);
+  p = adamw_param(s, p, m, fsqrt(v));
   return true;
 }
 

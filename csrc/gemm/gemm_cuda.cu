@@ -36,28 +36,10 @@ constexpr int64_t kGemvTMaxM = 4;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// The weight in `dtype`, [N, K], through the quantize family's dequantize
-// kernel (one thread per kDequantChunks chunks of 8 elements).
+// The weight in `dtype`, [N, K], through the quantize family's dequantize kernel.
 at::Tensor dequantize_weight(const WeightQuant& w, int64_t N, int64_t K, at::ScalarType dtype, cudaStream_t stream) {
   at::Tensor out = at::empty({N, K}, w.packed.options().dtype(dtype));
-  const int64_t n = N * K;
-  if (n == 0) return out;
-  const cuda::ScaleArgs s = scale_args(w);
-  const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
-  const bool vec_in = (reinterpret_cast<uintptr_t>(q) & 3u) == 0;
-  const unsigned grid = static_cast<unsigned>(ceil_div(ceil_div(n, 8 * cuda::kDequantChunks), 256));
-  const int shift = log2_int(w.blocksize);
-  LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "gemm_dequantize_weight", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const bool vec_out = cuda::aligned16(o);
-    if (w.nested())
-      cuda::dequantize_4bit_kernel<scalar_t, true>
-          <<<grid, 256, 0, stream>>>(q, n, vec_in, vec_out, w.code.const_data_ptr<float>(), s, shift, o);
-    else
-      cuda::dequantize_4bit_kernel<scalar_t, false>
-          <<<grid, 256, 0, stream>>>(q, n, vec_in, vec_out, w.code.const_data_ptr<float>(), s, shift, o);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_dequantize_4bit(w, N * K, out, stream);
   return out;
 }
 

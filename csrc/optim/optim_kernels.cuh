@@ -207,10 +207,10 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
   }
   const float am1 = a1[qblock], am2 = a2[qblock];
   float max1 = 0.0f, max2 = 0.0f;
-  // core::adamw_element's arithmetic, operation for operation, in two passes
-  // so that the square root's out-of-range fix-up is one branch per lane
-  // instead of one per element (see sqrt_rn_fast). Pass 1: the moments and
-  // sqrt(v); a non-finite gradient keeps the element's m, v and p.
+  // core::adamw_element in two passes (its two halves, adamw_moments and
+  // adamw_param), so that the square root's out-of-range fix-up is one branch
+  // per lane instead of one per element (see sqrt_rn_fast). Pass 1: the
+  // moments and sqrt(v); a non-finite gradient keeps the element's m, v and p.
   float sq[2][4];
   uint32_t ok = 0;
   bool sqrt_slow = false;
@@ -223,8 +223,8 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
         const float v0 = __fmul_rn(sm.code2[(w2[h] >> (8 * j)) & 0xFF], am2);
         const float gj = gv[h][j];
         const bool fin = core::is_finite(gj);
-        const float m1 = __fadd_rn(__fmul_rn(s.beta1, m0), __fmul_rn(s.one_minus_beta1, gj));
-        const float v1 = __fadd_rn(__fmul_rn(s.beta2, v0), __fmul_rn(s.one_minus_beta2, __fmul_rn(gj, gj)));
+        float m1 = m0, v1 = v0;
+        core::adamw_moments(s, gj, m1, v1);
         mv[h][j] = fin ? m1 : m0;
         vv[h][j] = fin ? v1 : v0;
         ok |= (fin ? 1u : 0u) << (4 * h + j);
@@ -249,8 +249,7 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float denom = __fadd_rn(sq[h][j], s.eps_hat);
-      const float pn = __fsub_rn(__fmul_rn(pv[h][j], s.decay), __fmul_rn(s.step_size, __fdiv_rn(mv[h][j], denom)));
+      const float pn = core::adamw_param(s, pv[h][j], mv[h][j], sq[h][j]);
       if (ok & (1u << (4 * h + j))) pv[h][j] = pn;
     }
   // Every lane has read the old absmax before any lane passes the shuffles,
@@ -270,23 +269,19 @@ __device__ __forceinline__ void adamw_block(const SharedMaps& sm, const core::Ad
   // exactly, so this is InverseScale's (x * pre) * inv bit for bit. The
   // condition is the same for the whole warp (one block), so it does not diverge.
   uint32_t c1[2] = {0, 0}, c2[2] = {0, 0};
-  if (inv1.pre == 1.0f && inv2.pre == 1.0f) {
+  auto encode_all = [&](auto scale1, auto scale2) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        c1[h] |= encode_state<CELLS>(sm, true, __fmul_rn(mv[h][j], inv1.inv)) << (8 * j);
-        c2[h] |= encode_state<CELLS>(sm, false, __fmul_rn(vv[h][j], inv2.inv)) << (8 * j);
+        c1[h] |= encode_state<CELLS>(sm, true, scale1(mv[h][j])) << (8 * j);
+        c2[h] |= encode_state<CELLS>(sm, false, scale2(vv[h][j])) << (8 * j);
       }
-  } else {
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        c1[h] |= encode_state<CELLS>(sm, true, inv1(mv[h][j])) << (8 * j);
-        c2[h] |= encode_state<CELLS>(sm, false, inv2(vv[h][j])) << (8 * j);
-      }
-  }
+  };
+  if (inv1.pre == 1.0f && inv2.pre == 1.0f)
+    encode_all([&](float x) { return __fmul_rn(x, inv1.inv); }, [&](float x) { return __fmul_rn(x, inv2.inv); });
+  else
+    encode_all(inv1, inv2);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     // A skipped (non-finite gradient) element stores its unchanged value back.

@@ -78,24 +78,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   WeightQuant w = check_weight_quant(op, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                                      nested_blocksize, n);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  if (n == 0) return out;
-  const cuda::ScaleArgs s = scale_args(w);
-  const uint8_t* q = w.packed.const_data_ptr<uint8_t>();
-  const bool vec_in = (reinterpret_cast<uintptr_t>(q) & 3u) == 0;
-  const unsigned grid = grid_for(ceil_div(ceil_div(n, 8), cuda::kDequantChunks));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int shift = log2_int(blocksize);
-  LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_4bit_cuda", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const bool vec_out = cuda::aligned16(o);
-    if (w.nested())
-      cuda::dequantize_4bit_kernel<scalar_t, true>
-          <<<grid, kThreads, 0, stream>>>(q, n, vec_in, vec_out, w.code.const_data_ptr<float>(), s, shift, o);
-    else
-      cuda::dequantize_4bit_kernel<scalar_t, false>
-          <<<grid, kThreads, 0, stream>>>(q, n, vec_in, vec_out, w.code.const_data_ptr<float>(), s, shift, o);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_dequantize_4bit(w, n, out, at::cuda::getCurrentCUDAStream());
   return out;
 }
 
