@@ -1,5 +1,9 @@
 """Plain-PyTorch references for the quantization math (float32/float64), written
 from the format description alone, independent of lowbit's C++ code."""
+import struct
+from decimal import Decimal
+from fractions import Fraction
+
 import torch
 
 NF4 = torch.tensor([
@@ -8,16 +12,36 @@ NF4 = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], dtype=torch.float32)  # fmt: skip
-NF4_MIDPOINTS = torch.tensor([
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
-], dtype=torch.float32)  # fmt: skip
+
+
+def f32_literal(text: str) -> float:
+    """The float32 a C/CUDA literal `<text>f` denotes: the decimal rounded once,
+    to the nearest float32 (ties to even). Going through a Python float first
+    rounds twice, and for four of the NF4 midpoints below the double lands
+    exactly halfway between two floats, so torch.tensor(float(text)) would be
+    one ulp off the constant bitsandbytes' kernel (and the SPEC) compares with."""
+    exact = Fraction(Decimal(text))
+    near = struct.unpack("<I", struct.pack("<f", float(exact)))[0]
+
+    def value(bits):
+        return Fraction(struct.unpack("<f", struct.pack("<I", bits))[0])
+
+    best = min((near - 1, near, near + 1), key=lambda b: (abs(value(b) - exact), b & 1))
+    return struct.unpack("<f", struct.pack("<I", best))[0]
+
+
+# SPEC section 2's midpoints, as written there.
+NF4_MIDPOINTS = torch.tensor([f32_literal(t) for t in """
+    -0.8480964004993439 -0.6106329262256622 -0.4599952697753906 -0.33967943489551544
+    -0.23460740596055984 -0.13791173323988914 -0.045525018125772476 0.03979014977812767
+    0.1202552504837513 0.2035212516784668 0.2920137718319893 0.3893125355243683
+    0.5016634166240692 0.6427869200706482 0.8614784181118011""".split()], dtype=torch.float32)
+
 # bnb's FP4 magnitude thresholds (its CUDA kernel's float constants), and the
 # code of each magnitude bucket in ascending order.
-FP4_THRESHOLDS = torch.tensor([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333],
-                              dtype=torch.float32)
+FP4_THRESHOLDS = torch.tensor(
+    [f32_literal(t) for t in "0.00260417 0.0859375 0.20833333 0.29166667 0.4166667 0.583333 0.8333333".split()],
+    dtype=torch.float32)
 FP4_BUCKET_CODE = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3], dtype=torch.uint8)
 FP4 = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0] * 2, dtype=torch.float32) / 12.0
 FP4[8:] *= -1

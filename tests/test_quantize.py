@@ -80,6 +80,23 @@ def test_quantize_8bit_matches_reference(device, blocksize, signed, dtype):
             assert torch.equal(d.cpu(), ref.dequantize_8bit(rq, ra, code.cpu(), blocksize, out_dtype))
 
 
+@pytest.mark.parametrize("device", devices())
+def test_nf4_exact_midpoints_go_to_the_lower_code(device):
+    # With a 1.0 in the block the scale is exactly 1, so each element is scaled
+    # onto an NF4 midpoint exactly (the float32 of SPEC's literal), then one ulp
+    # above it: the tie takes the lower code, the next float the upper one.
+    # (Random inputs land on a midpoint only rarely; this pins those cases.)
+    mids = ref.NF4_MIDPOINTS
+    above = torch.nextafter(mids, torch.full_like(mids, 2.0))
+    x = torch.cat([mids, above, torch.tensor([1.0])]).to(device)
+    packed, absmax = ops.quantize_4bit(x, 64, "nf4")
+    codes = ref.unpack(packed.cpu(), x.numel())
+    assert absmax.item() == 1.0
+    assert codes[:15].tolist() == list(range(15)) and codes[15:30].tolist() == list(range(1, 16))
+    rp, _ = ref.quantize_4bit(x.cpu(), 64, "nf4")
+    assert torch.equal(packed.cpu(), rp)
+
+
 def test_nearest_8bit_ties_and_range():
     code = F.get_dynamic_map(True)
     mids = (code[:-1] + code[1:]) * 0.5
