@@ -67,8 +67,16 @@ def test_same_codes_and_absmax_as_bnb(device, blocksize, dtype, quant_type):
                 assert bad.numel() < 1e-3 * a.numel()
         elif quant_type == "nf4":
             # bnb's vectorised CPU kernels very rarely round a value sitting on a
-            # code boundary the other way; its CUDA kernel is the reference.
-            assert (codes(bp) != codes(lp)).float().mean() < 1e-5
+            # code boundary the other way; its CUDA kernel is the reference. Every
+            # difference must be such a value (within an ulp or two of a
+            # midpoint), and they must be rare: one in a small tensor is allowed.
+            a, b = codes(bp), codes(lp)
+            bad = (a != b).nonzero().flatten()
+            if bad.numel():
+                s = (x.float().reshape(-1)[bad] * (1.0 / ls.absmax.repeat_interleave(blocksize)[bad])).cpu()
+                dist = (s[:, None] - ref.NF4_MIDPOINTS[None, :]).abs().min(dim=1).values
+                assert torch.all(dist <= 4 * torch.finfo(torch.float32).eps * s.abs()), (s, dist)
+            assert bad.numel() <= 1 + 1e-5 * a.numel()
         else:
             # bnb's CPU FP4 paths do not reproduce its own CUDA kernel (which
             # lowbit follows, SPEC section 2): they round at other thresholds and
