@@ -129,10 +129,15 @@ def test_double_quant_roundtrip(device, quant_type, blocksize):
     true_am = st_plain.absmax
     rec = st.dequantized_absmax()
     # Nearest-entry rounding: each rebuilt scale is within half the widest gap
-    # of the signed map, times its nested block's absmax, of the true one.
+    # of the signed map, times its nested block's absmax, of the true one, plus
+    # the float32 rounding of (absmax - offset) and of code * absmax + offset.
+    # (The map's end, -0.99296875, is exactly half its widest gap from -1, so
+    # the block with the smallest absmax can sit on the bound: without the
+    # rounding term this failed for 2 of 300 seeds.)
     code = st.nested_code
     half_gap = ((code[1:] - code[:-1]).max() / 2).item()
-    bound = half_gap * st.nested_absmax.repeat_interleave(256)[: true_am.numel()] * (1 + 1e-5) + 1e-7
+    bound = (half_gap * st.nested_absmax.repeat_interleave(256)[: true_am.numel()] * (1 + 1e-5) + 1e-7
+             + 2 * torch.finfo(torch.float32).eps * true_am.abs())
     assert torch.all((rec - true_am).abs() <= bound)
     assert ((rec - true_am).abs() / true_am).median() < 0.01
     # The fused nested dequantize equals dequantizing with the rebuilt float scales.
