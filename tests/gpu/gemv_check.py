@@ -9,9 +9,10 @@ per process, so each variant runs in a subprocess of this script:
   python tests/gpu/gemv_check.py --variants async --ms 9,12,16,17,24,31,32   # the small-M kernel
   python tests/gpu/gemv_check.py --variants async --ms 33,40,47,48,63,64     # ... once per half of the rows
 
-For M in 1..8, N in {1, 7, 4096, 4097, 11008, 28672}, K in {256, 4096, 11008,
-8192}, blocksizes {64, 128, 256, 4096}, nf4 and fp4, nested and plain scales,
-bf16 and fp16, with and without bias, gemm_4bit is compared with a reference
+For M in 1..8, N in {1, 7, 4096, 4097, 11008, 28672}, K in {256, 640, 4096,
+11008, 8192} (640: not a multiple of 256, the dequantize + cuBLAS path),
+blocksizes {64, 128, 256, 4096}, nf4 and fp4, nested and plain scales, bf16
+and fp16, with and without bias, gemm_4bit is compared with a reference
 (dequantize in float32, multiply in float64). The rule: its error (norm over
 the output) is at most twice that of "dequantize to x's dtype, then torch
 matmul", plus a tiny slack (1e-6 of the reference norm and half an ulp of the
@@ -29,10 +30,10 @@ import sys
 VARIANTS = ["async", "regs", "lut256", "tc"]
 MS = list(range(1, 9))
 NS = [1, 7, 4096, 4097, 11008, 28672]
-KS = [256, 4096, 11008, 8192]
+KS = [256, 640, 4096, 11008, 8192]
 BLOCKSIZES = [64, 128, 256, 4096]
 QUICK_NS = [1, 7, 4097]
-QUICK_KS = [256, 4096]
+QUICK_KS = [256, 640, 4096]
 
 
 def poison(nbytes=256 << 20):

@@ -9,13 +9,13 @@ from lowbit import ops
 
 torch.manual_seed(0)
 calls = 0
-for (N, K, bs) in [(37, 512, 32), (200, 768, 64), (24, 1024, 256), (4100, 256, 64)]:
+for (N, K, bs) in [(37, 512, 32), (200, 768, 64), (24, 1024, 256), (4100, 256, 64), (300, 768, 128)]:
     for dq in (False, True):
         w = torch.randn(N, K, device="cuda") * 0.05
         packed, st = F.quantize_4bit(w, blocksize=bs, double_quant=dq)
         for dtype in (torch.bfloat16, torch.float16):
             b = torch.randn(N, device="cuda", dtype=dtype)
-            for M in (1, 5, 9, 17, 33, 100, 200):
+            for M in (1, 3, 5, 9, 17, 33, 100, 200):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 F.matmul_4bit(x, packed, st, b)
                 g = torch.randn(M, N, device="cuda", dtype=dtype)
