@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 
@@ -381,11 +382,25 @@ at::Tensor gemv_t(const GemmPlan& p, cudaStream_t stream) {
   a.splits = splits;
   const unsigned grid = static_cast<unsigned>(slices) * splits;
   const bool nested = p.w.nested();
+  // The kernel's accumulators and FMAs per element scale with its MAXM: one,
+  // two or four rows of g (LOWBIT_GEMV_T_MAXM=4, read once per process,
+  // forces four for every M, as before, for comparisons).
+  static const bool fixed4 = [] {
+    const char* e = std::getenv("LOWBIT_GEMV_T_MAXM");
+    return e != nullptr && std::strcmp(e, "4") == 0;
+  }();
+  const int maxm = fixed4 || M > 2 ? 4 : static_cast<int>(M);
   LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_t_gemv", [&] {
-                       if (nested)
-                         gemv_t_kernel<scalar_t, kGemvTMaxM, true><<<grid, kGemvTThreads, 0, stream>>>(a);
-                       else
-                         gemv_t_kernel<scalar_t, kGemvTMaxM, false><<<grid, kGemvTThreads, 0, stream>>>(a);
+                       auto launch = [&](auto maxm_c) {
+                         constexpr int MM = decltype(maxm_c)::value;
+                         if (nested)
+                           gemv_t_kernel<scalar_t, MM, true><<<grid, kGemvTThreads, 0, stream>>>(a);
+                         else
+                           gemv_t_kernel<scalar_t, MM, false><<<grid, kGemvTThreads, 0, stream>>>(a);
+                       };
+                       if (maxm == 1) launch(std::integral_constant<int, 1>());
+                       else if (maxm == 2) launch(std::integral_constant<int, 2>());
+                       else launch(std::integral_constant<int, 4>());
                        C10_CUDA_KERNEL_LAUNCH_CHECK();
                        const int64_t n = M * K;
                        splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
