@@ -1,8 +1,9 @@
-"""The decode GEMV kernel body (csrc/gemm/gemv_kernels.cuh) run on the host by
-the warp emulator of tests/cpp/gemv_emulator.cu, against a float64 reference:
-both kernel variants, every blocksize class, plain and nested scales, odd N,
-K split across warps and blocks, cp.async landing early or late. Needs nvcc
-(not a GPU); skipped without it."""
+"""The decode GEMV kernel body (csrc/gemm/gemv_kernels.cuh) and the transposed
+tensor-core kernel body (csrc/gemm/gemm_t_kernels.cuh) run on the host by the
+warp emulator of tests/cpp/gemv_emulator.cu, against a float64 reference:
+every kernel variant, every blocksize class, plain and nested scales, odd N,
+K (or N) split across warps and blocks, cp.async landing early or late. Needs
+nvcc (not a GPU); skipped without it."""
 import os
 import shutil
 import subprocess

@@ -9,8 +9,15 @@
 //               M = 33..64: the same kernel once per half of the rows
 //               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
-//   gemm_4bit_t M <= 4, fp16/bf16, K % 16 == 0: fused transposed GEMV
+//   gemm_4bit_t M = 2..tt_max_m (16; 32 for weights of up to 2^26
+//               elements), fp16/bf16, K % 64 == 0, blocksize >= 64: the
+//               transposed tensor-core kernel (gemm_t_kernels.cuh)
+//               M <= 4 otherwise (M = 1 always), K % 16 == 0: the
+//               transposed GEMV
 //               otherwise: dequantize + cuBLAS
+//               (LOWBIT_GEMM_T_PATH=gemv|tc|dequant pins one path for
+//               benchmarks: the two older paths only, the tensor-core kernel
+//               for every M it takes, or always dequantize + cuBLAS)
 // Everything runs on the current stream; buffers come from the caching
 // allocator, so the ops are CUDA-graph capturable.
 #include <ATen/cuda/CUDAContext.h>
@@ -24,6 +31,7 @@
 
 #include "gemm/gemm_common.h"
 #include "gemm/gemm_kernels.cuh"
+#include "gemm/gemm_t_kernels.cuh"
 #include "gemm/gemv_kernels.cuh"
 #include "quantize/scale_args.cuh"
 
@@ -34,6 +42,15 @@ namespace {
 // at M = 32 the two were even, at 64 the fused kernel was 2x slower).
 constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
+// Up to this many rows of g the transposed tensor-core kernel takes the
+// backward; above it, dequantize + cuBLAS. Measured on the H200: at M = 16
+// the kernel beat dequantize + cuBLAS on every shape (28672 x 8192: 183 us
+// against 264); at M = 32 only on weights of up to 2^26 elements (4096 x
+// 11008: 45 us against 60), not on 28672 x 8192 (310 against 266).
+constexpr int64_t kTtMaxM = 16;
+constexpr int64_t kTtMaxMSmall = 32;
+constexpr int64_t kTtSmallWeight = int64_t{1} << 26;
+int64_t tt_max_m(int64_t N, int64_t K) { return N * K <= kTtSmallWeight ? kTtMaxMSmall : kTtMaxM; }
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -410,6 +427,122 @@ at::Tensor gemv_t(const GemmPlan& p, cudaStream_t stream) {
   return out;
 }
 
+enum class TPath { kAuto, kGemv, kTc, kDequant };
+
+// LOWBIT_GEMM_T_PATH, read once per process (benchmarks compare the paths
+// in separate processes); LOWBIT_GEMM_T_CW: the tensor-core kernel's warps
+// side by side along K (1, 2, 4, 8).
+TPath t_path() {
+  static const TPath v = [] {
+    const char* e = std::getenv("LOWBIT_GEMM_T_PATH");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return TPath::kAuto;
+    if (std::strcmp(e, "gemv") == 0) return TPath::kGemv;
+    if (std::strcmp(e, "tc") == 0) return TPath::kTc;
+    if (std::strcmp(e, "dequant") == 0) return TPath::kDequant;
+    TORCH_WARN("lowbit: LOWBIT_GEMM_T_PATH='", e, "' is not one of auto, gemv, tc, dequant; using auto");
+    return TPath::kAuto;
+  }();
+  return v;
+}
+
+int t_cw() {
+  static const int v = [] {
+    const char* e = std::getenv("LOWBIT_GEMM_T_CW");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
+}
+
+// Blocks of this instantiation that fit one SM (registers, shared memory),
+// asked once per device; the planner sizes the grid to one wave of them.
+template <typename T, int MT, bool NESTED>
+int tt_blocks_per_sm(int smem) {
+  static std::atomic<int> cache[64] = {};
+  const int dev = at::cuda::current_device();
+  std::atomic<int>& slot = cache[dev & 63];
+  int v = slot.load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  static std::atomic<uint64_t> done{0};
+  auto kernel = cuda::gemv::gemm_4bit_t_tc_kernel<T, MT, NESTED>;
+  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties(), done);
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, cuda::gemv::kTtThreads, smem));
+  v = std::max(v, 1);
+  slot.store(v, std::memory_order_relaxed);
+  return v;
+}
+
+template <typename T, int MT, bool NESTED>
+void launch_tt_k(const cuda::gemv::GemmTArgs& a, const cuda::gemv::GemmTPlan& t, cudaStream_t stream) {
+  static std::atomic<uint64_t> done{0};
+  auto kernel = cuda::gemv::gemm_4bit_t_tc_kernel<T, MT, NESTED>;
+  allow_smem(kernel, *at::cuda::getCurrentDeviceProperties(), done);
+  kernel<<<static_cast<unsigned>(t.blocks), cuda::gemv::kTtThreads, t.smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool tt_eligible(const GemmPlan& p) {
+  const auto dt = p.a.scalar_type();
+  return (dt == at::kHalf || dt == at::kBFloat16) && p.K % cuda::gemv::kTtK == 0 &&
+         p.w.blocksize >= cuda::gemv::kTtK && p.M <= INT32_MAX &&
+         (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 3u) == 0;
+}
+
+// The transposed tensor-core kernel; an undefined tensor when the planner
+// refuses the shape.
+at::Tensor gemm_t_tc(const GemmPlan& p, cudaStream_t stream) {
+  using namespace cuda::gemv;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const bool nested = p.w.nested();
+  const int mt = tt_mt(static_cast<int>(M));
+  at::Tensor out;
+  LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_t_tc", [&] {
+    auto run = [&](auto mt_c, auto nested_c) {
+      constexpr int MT = decltype(mt_c)::value;
+      constexpr bool NS = decltype(nested_c)::value;
+      const int bps = tt_blocks_per_sm<scalar_t, MT, NS>(tt_smem_bytes(MT));
+      const GemmTPlan t = plan_gemm_t(static_cast<int>(M), N, K, p.w.blocksize, sm_count(), t_cw(), bps);
+      if (!t.ok) return;
+      out = at::empty({M, K}, p.a.options());
+      at::Tensor partial;
+      GemmTArgs a{};
+      a.g = p.a.const_data_ptr();
+      a.packed = p.w.packed.const_data_ptr<uint8_t>();
+      a.code = p.w.code.const_data_ptr<float>();
+      a.s = scale_args(p.w);
+      a.block_shift = log2_int(p.w.blocksize);
+      a.out = out.data_ptr();
+      if (t.splits > 1) {
+        partial = at::empty({t.splits, M, K}, p.a.options().dtype(at::kFloat));
+        a.partial = partial.data_ptr<float>();
+      }
+      a.M = static_cast<int>(M);
+      a.N = static_cast<int>(N);
+      a.K = static_cast<int>(K);
+      a.g_vec = N % 4 == 0 && (reinterpret_cast<uintptr_t>(a.g) & 7u) == 0;
+      a.cw = t.cw;
+      a.col_blocks = t.col_blocks;
+      a.m_chunks = t.m_chunks;
+      a.splits = t.splits;
+      a.steps = t.steps;
+      launch_tt_k<scalar_t, MT, NS>(a, t, stream);
+      if (t.splits > 1) {
+        const int64_t n = M * K;
+        cuda::gemm::splitk_reduce_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream>>>(
+            a.partial, t.splits, n, K, nullptr, out.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    };
+    auto with_mt = [&](auto nested_c) {
+      if (mt == 1) run(std::integral_constant<int, 1>(), nested_c);
+      else if (mt == 2) run(std::integral_constant<int, 2>(), nested_c);
+      else run(std::integral_constant<int, 4>(), nested_c);
+    };
+    if (nested) with_mt(std::true_type());
+    else with_mt(std::false_type());
+  });
+  return out;
+}
+
 at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
                             const at::Tensor& code, int64_t blocksize, int64_t N, int64_t K,
                             const std::optional<at::Tensor>& nested_absmax,
@@ -422,9 +555,18 @@ at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const
   if (N == 0) return at::zeros(p.out_shape, g.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto dt = p.a.scalar_type();
-  if ((dt == at::kHalf || dt == at::kBFloat16) && p.M <= kGemvTMaxM && K % 16 == 0 &&
-      (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 7u) == 0)
+  const TPath path = t_path();
+  const bool gemv_ok = (dt == at::kHalf || dt == at::kBFloat16) && p.M <= kGemvTMaxM && K % 16 == 0 &&
+                       (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 7u) == 0;
+  const bool tt_ok = tt_eligible(p) && (path == TPath::kTc || (path == TPath::kAuto && p.M <= tt_max_m(N, K)));
+  // One row: the GEMV (one FMA per weight value, no m-tile padding) is as
+  // fast or faster; from two rows the tensor-core kernel is.
+  if (gemv_ok && path != TPath::kTc && path != TPath::kDequant && (p.M == 1 || !tt_ok))
     return gemv_t(p, stream).reshape(p.out_shape);
+  if (tt_ok) {
+    at::Tensor out = gemm_t_tc(p, stream);
+    if (out.defined()) return out.reshape(p.out_shape);
+  }
   at::Tensor wd = dequantize_weight(p.w, N, K, dt, stream);
   return at::mm(p.a, wd).reshape(p.out_shape);
 }

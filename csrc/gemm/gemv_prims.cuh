@@ -8,6 +8,7 @@
 // without a GPU. Without LOWBIT_GEMV_EMULATE the host versions are never
 // called (the kernels are device code) and only have to compile.
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -26,6 +27,7 @@ int block_dim();
 void syncwarp();
 void syncthreads();
 uint32_t shfl_xor(uint32_t v, int mask);
+uint32_t shfl_idx(uint32_t v, int src);
 void cp_async(void* dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
@@ -93,6 +95,23 @@ __host__ __device__ __forceinline__ uint32_t shfl_xor(uint32_t v, int mask) {
 #elif defined(LOWBIT_GEMV_HOST_EMU)
   return emu::shfl_xor(v, mask);
 #else
+  return v;
+#endif
+}
+
+// v of lane src (the same src need not be asked by every lane).
+__host__ __device__ __forceinline__ float shfl_idx(float v, int src) {
+#if defined(LOWBIT_GEMV_DEV)
+  return __shfl_sync(0xffffffffu, v, src);
+#elif defined(LOWBIT_GEMV_HOST_EMU)
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  b = emu::shfl_idx(b, src);
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
+#else
+  (void)src;
   return v;
 #endif
 }

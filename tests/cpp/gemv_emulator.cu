@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "gemm/gemm_t_kernels.cuh"
 #include "gemm/gemv_kernels.cuh"
 
 namespace lowbit {
@@ -135,6 +136,16 @@ uint32_t shfl_xor(uint32_t v, int mask) {
   yield(kWarp, 3);
   const uint32_t r = W.v[l ^ mask];
   yield(kWarp, 4);
+  return r;
+}
+
+uint32_t shfl_idx(uint32_t v, int src) {
+  WarpX& W = S.wx[S.cur / 32];
+  const int l = S.cur % 32;
+  W.v[l] = v;
+  yield(kWarp, 7);
+  const uint32_t r = W.v[src & 31];
+  yield(kWarp, 8);
   return r;
 }
 
@@ -534,8 +545,218 @@ static bool run_case(const Case& c, uint64_t seed, std::string& why) {
   return c.bf16 ? run_case_t<c10::BFloat16>(c, seed, why) : run_case_t<c10::Half>(c, seed, why);
 }
 
+// ---------------------------------------------------------------- the transposed tensor-core kernel
+
+struct TtCase {
+  bool bf16;
+  bool nested;
+  int bs;
+  int M, N, K;
+  int sms;
+  int cw;
+  bool pairs;  // g read 4 values at a time (needs N % 4 == 0)
+};
+
+template <typename T>
+static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t numel = static_cast<int64_t>(c.N) * c.K;
+  const int64_t nblocks = (numel + c.bs - 1) / c.bs;
+  const int64_t nnested = (nblocks + 255) / 256;
+  auto buf = [](size_t n) { return static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64)); };
+  uint8_t* packed = buf(numel / 2);
+  for (int64_t i = 0; i < numel / 2; ++i) packed[i] = static_cast<uint8_t>(byte(rng));
+  float* code = reinterpret_cast<float*>(buf(64));
+  for (int i = 0; i < 16; ++i) code[i] = -1.0f + 2.0f * i / 15.0f + 0.01f * nd(rng);
+  float *absmax = nullptr, *nested_absmax = nullptr, *nested_code = nullptr, *offset = nullptr;
+  uint8_t* absmax_q = nullptr;
+  if (c.nested) {
+    absmax_q = buf(nblocks);
+    for (int64_t i = 0; i < nblocks; ++i) absmax_q[i] = static_cast<uint8_t>(byte(rng));
+    nested_absmax = reinterpret_cast<float*>(buf(4 * nnested));
+    for (int64_t i = 0; i < nnested; ++i) nested_absmax[i] = 0.5f + std::fabs(nd(rng));
+    nested_code = reinterpret_cast<float*>(buf(4 * 256));
+    for (int i = 0; i < 256; ++i) nested_code[i] = -1.0f + 2.0f * i / 255.0f;
+    offset = reinterpret_cast<float*>(buf(4));
+    *offset = 1.5f;
+  } else {
+    absmax = reinterpret_cast<float*>(buf(4 * nblocks));
+    for (int64_t i = 0; i < nblocks; ++i) absmax[i] = 0.5f + std::fabs(nd(rng));
+  }
+  T* g = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.N));
+  for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.N; ++i) g[i] = T(nd(rng));
+  T* out = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.K));
+  for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.K; ++i) out[i] = T(NAN);
+
+  const GemmTPlan p = plan_gemm_t(c.M, c.N, c.K, c.bs, c.sms, c.cw);
+  if (!p.ok) {
+    why = "planner refused";
+    return false;
+  }
+  float* partial = nullptr;
+  if (p.splits > 1) {
+    partial = reinterpret_cast<float*>(buf(4 * static_cast<size_t>(p.splits) * c.M * c.K));
+    for (int64_t i = 0; i < static_cast<int64_t>(p.splits) * c.M * c.K; ++i) partial[i] = NAN;
+  }
+  GemmTArgs a{};
+  a.g = g;
+  a.packed = packed;
+  a.code = code;
+  if (c.nested) {
+    a.s.absmax_q = absmax_q;
+    a.s.nested_absmax = nested_absmax;
+    a.s.nested_code = nested_code;
+    a.s.offset = offset;
+    a.s.nested_shift = 8;
+  } else {
+    a.s.absmax = absmax;
+  }
+  int shift = 0;
+  while ((1 << shift) < c.bs) ++shift;
+  a.block_shift = shift;
+  a.out = out;
+  a.partial = partial;
+  a.M = c.M, a.N = c.N, a.K = c.K;
+  a.g_vec = c.pairs;
+  a.cw = p.cw, a.col_blocks = p.col_blocks, a.m_chunks = p.m_chunks, a.splits = p.splits, a.steps = p.steps;
+
+  const size_t smem_bytes = static_cast<size_t>(p.smem);
+  const uint32_t base = (seed & 1) ? 0x400 : 0x430;
+  std::vector<uint8_t> smem_store(smem_bytes + 2048);
+  uint8_t* smem = smem_store.data() + (1024 - reinterpret_cast<uintptr_t>(smem_store.data()) % 1024) % 1024 +
+                  (base & 1023);
+  emu::S.allocs.clear();
+  auto reg = [](const void* q, size_t n, bool w) {
+    if (q) emu::S.allocs.push_back({static_cast<const uint8_t*>(q), n, w});
+  };
+  reg(packed, numel / 2, false);
+  reg(code, 64, false);
+  reg(absmax, absmax ? 4 * nblocks : 0, false);
+  reg(absmax_q, absmax_q ? nblocks : 0, false);
+  reg(nested_absmax, nested_absmax ? 4 * nnested : 0, false);
+  reg(nested_code, nested_code ? 4 * 256 : 0, false);
+  reg(offset, offset ? 4 : 0, false);
+  reg(g, 2 * static_cast<size_t>(c.M) * c.N, false);
+  reg(out, 2 * static_cast<size_t>(c.M) * c.K, true);
+  reg(partial, partial ? 4 * static_cast<size_t>(p.splits) * c.M * c.K : 0, true);
+  emu::S.smem = smem;
+  emu::S.smem_bytes = smem_bytes;
+  emu::S.late = false;
+  emu::kSharedBase = base;
+  emu::S.rng.seed(static_cast<uint32_t>(seed));
+  std::memset(smem, 0xA5, smem_bytes);
+
+  std::function<void()> body;
+  auto set = [&](auto mt_c, auto nested_c) {
+    constexpr int MT_ = decltype(mt_c)::value;
+    constexpr bool N_ = decltype(nested_c)::value;
+    body = [&] { gemm_t_block<T, MT_, N_>(a, smem); };
+  };
+  auto set_mt = [&](auto nested_c) {
+    if (p.mt == 1) set(std::integral_constant<int, 1>(), nested_c);
+    else if (p.mt == 2) set(std::integral_constant<int, 2>(), nested_c);
+    else set(std::integral_constant<int, 4>(), nested_c);
+  };
+  if (c.nested) set_mt(std::true_type()); else set_mt(std::false_type());
+  for (int64_t b = 0; b < p.blocks; ++b) emu::run_block(static_cast<int>(b), kTtThreads, body);
+  if (p.splits > 1) {  // splitk_reduce_kernel
+    for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.K; ++i) {
+      float v = 0.0f;
+      for (int s = 0; s < p.splits; ++s) v += partial[s * static_cast<int64_t>(c.M) * c.K + i];
+      out[i] = T(v);
+    }
+  }
+
+  // Reference: the kernel's math in double (codes rounded to T, g * scale
+  // rounded to T once).
+  std::vector<float> sc(nblocks);
+  for (int64_t b = 0; b < nblocks; ++b)
+    sc[b] = c.nested ? fmul_rn(nested_code[absmax_q[b]], nested_absmax[b >> 8]) + *offset : absmax[b];
+  bool ok = true;
+  std::vector<double> ref(c.K), mag(c.K);
+  for (int m = 0; m < c.M && ok; ++m) {
+    std::fill(ref.begin(), ref.end(), 0.0);
+    std::fill(mag.begin(), mag.end(), 0.0);
+    for (int n = 0; n < c.N; ++n) {
+      const float gv = static_cast<float>(g[static_cast<int64_t>(m) * c.N + n]);
+      for (int k = 0; k < c.K; ++k) {
+        const int64_t e = static_cast<int64_t>(n) * c.K + k;
+        const uint8_t byte_v = packed[e >> 1];
+        const int nib = (e & 1) ? (byte_v & 15) : (byte_v >> 4);
+        const double cv = from_bits16<T>(bits16<T>(code[nib]));
+        const double gs = from_bits16<T>(bits16<T>(gv * sc[e >> shift]));
+        ref[k] += cv * gs;
+        mag[k] += std::fabs(cv * gs);
+      }
+    }
+    for (int k = 0; k < c.K; ++k) {
+      const double got = static_cast<float>(out[static_cast<int64_t>(m) * c.K + k]);
+      const double tol = std::fabs(ref[k]) * (c.bf16 ? 1.0 / 128 : 1.0 / 1024) + 1e-5 * mag[k] + 1e-6;
+      if (!(std::fabs(got - ref[k]) <= tol)) {
+        char msg[256];
+        std::snprintf(msg, sizeof msg, "m=%d k=%d got %.6g want %.6g (tol %.3g)", m, k, got, ref[k], tol);
+        why = msg;
+        ok = false;
+        break;
+      }
+    }
+  }
+  for (void* q : {static_cast<void*>(packed), static_cast<void*>(code), static_cast<void*>(absmax),
+                  static_cast<void*>(absmax_q), static_cast<void*>(nested_absmax), static_cast<void*>(nested_code),
+                  static_cast<void*>(offset), static_cast<void*>(g), static_cast<void*>(out),
+                  static_cast<void*>(partial)})
+    std::free(q);
+  return ok;
+}
+
+static int run_tt_cases(bool quick) {
+  std::vector<TtCase> cases;
+  std::mt19937 pick(777);
+  auto any = [&](std::initializer_list<int> v) { return *(v.begin() + pick() % v.size()); };
+  // Every template instance (dtype, MT by M, nested), every cw, blocksizes
+  // from 64 up (a block straddling rows too), odd N (the 16-bit g path and a
+  // partial last step), one or several N splits, several m chunks.
+  for (int bs : {64, 128, 256, 1024})
+    for (bool nested : {false, true})
+      for (int M : {1, 5, 8, 9, 16, 17, 32, 40}) {
+        TtCase c{};
+        c.bf16 = pick() % 2;
+        c.nested = nested;
+        c.bs = bs;
+        c.M = M;
+        c.N = any({1, 15, 16, 17, 33, 64, 100, 257});
+        c.K = any({64, 128, 192, 512});
+        if (bs == 1024) c.K = any({192, 320, 1088});  // blocks straddle rows
+        c.sms = any({1, 2, 8, 64});
+        c.cw = any({1, 2, 4, 8});
+        c.pairs = c.N % 4 == 0 && pick() % 4 != 0;
+        cases.push_back(c);
+      }
+  if (quick) {
+    std::vector<TtCase> some;
+    for (size_t i = 0; i < cases.size(); i += 4) some.push_back(cases[i]);
+    cases.swap(some);
+  }
+  int fails = 0, n = 0;
+  for (const TtCase& c : cases) {
+    std::string why;
+    const bool ok = c.bf16 ? run_tt_t<c10::BFloat16>(c, 5000 + n, why) : run_tt_t<c10::Half>(c, 5000 + n, why);
+    std::printf("%s tt    %s bs=%-4d %s M=%-2d N=%-3d K=%-4d sms=%-2d cw=%d %s %s\n", ok ? "PASS" : "FAIL",
+                c.bf16 ? "bf16" : "fp16", c.bs, c.nested ? "nested" : "plain ", c.M, c.N, c.K, c.sms, c.cw,
+                c.pairs ? "vec  " : "16bit", why.c_str());
+    std::fflush(stdout);
+    fails += !ok;
+    ++n;
+  }
+  std::printf("%d transposed cases, %d failed\n", n, fails);
+  return fails;
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  if (argc > 1 && std::string(argv[1]) == "--tt") return run_tt_cases(argc > 2 && std::string(argv[2]) == "--quick") ? 1 : 0;
   std::vector<Case> cases;
   if (argc == 14 && std::string(argv[1]) == "--case") {
     // --case async|regs|lut256|bx bf16 nested bs M N K sms bias late warps deep
@@ -638,5 +859,6 @@ int main(int argc, char** argv) {
     ++n;
   }
   std::printf("%d cases, %d failed, %ld fiber switches\n", n, fails, emu::S.switches);
+  fails += run_tt_cases(quick);
   return fails ? 1 : 0;
 }
