@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --mode quantize [--quick] [--json out.json]
     python benchmarks/bench.py --mode gemm  [-- bench_gemm.py options]
+    python benchmarks/bench.py --mode gemm-t [-- bench_gemm_t.py options]
     python benchmarks/bench.py --mode optim [-- bench_optim.py options]
     python benchmarks/bench.py --mode optim-host [-- bench_optim_host.py options]
     python benchmarks/bench.py --mode qlora7b [-- bench_qlora7b.py options]
@@ -10,7 +11,8 @@
 Prints a table and writes JSON (card, date, commit, numbers). Needs a CUDA GPU;
 bitsandbytes is timed in the same run when it is installed. The gemm, optim,
 qlora7b and linear modes run their own scripts (benchmarks/bench_gemm.py,
-bench_optim.py, bench_qlora7b.py, bench_linear.py) with the options after
+bench_optim.py, bench_qlora7b.py, bench_linear.py; gemm-t, the backward
+op path by path, bench_gemm_t.py) with the options after
 `--` (qlora7b's `-- --tiny` and linear's `-- --smoke` run on the CPU;
 optim-host, the optimizer's host cost per tensor, on the CPU by default).
 """
@@ -31,6 +33,7 @@ MODES = {"quantize": "bench_quantize"}
 # Modes with a command line of their own: bench.py hands them the options after `--`.
 SCRIPT_MODES = {"gemm": "bench_gemm", "optim": "bench_optim", "qlora7b": "bench_qlora7b", "linear": "bench_linear"}
 SCRIPT_MODES["fsdp"] = "bench_fsdp"
+SCRIPT_MODES["gemm-t"] = "bench_gemm_t"
 SCRIPT_MODES["optim-host"] = "bench_optim_host"  # torchrun-launched: python benchmarks/bench.py --mode fsdp -- --out DIR
 
 

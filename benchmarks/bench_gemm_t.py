@@ -16,6 +16,7 @@ copy bandwidth.
       [--paths auto,tc,dequant] [--cw 0] [--json out.json]
 """
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -106,8 +107,11 @@ def main():
                       **{f"{p}_us": v for p, v in zip(paths, vals)}})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "copy_bw_gbs": bw, "cw": args.cw, "rows": table}, f,
-                      indent=1)
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+            json.dump({"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+                       "commit": commit, "torch": torch.__version__, "copy_bw_gbs": bw, "cw": args.cw,
+                       "paths": paths, "rows": table}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-// Runs the decode GEMV kernel body (csrc/gemm/gemv_kernels.cuh) on the host,
+// Runs the decode GEMV kernel body (csrc/gemm/gemv_kernels.cuh) and the
+// transposed tensor-core kernel body (csrc/gemm/gemm_t_kernels.cuh) on the host,
 // for machines without a GPU: every thread of a block is a cooperative fiber
 // (ucontext); the collective primitives (mma.sync, shuffles, __syncwarp,
 // __syncthreads) are emulated by switching fibers until the warp or block has
@@ -11,6 +12,7 @@
 // Build and run (CPU only):
 //   bash tests/cpp/run_gemv_emulator.sh            # all cases
 //   bash tests/cpp/run_gemv_emulator.sh --quick    # a subset
+//   bash tests/cpp/run_gemv_emulator.sh --tt [--quick]  # the transposed kernel only
 #define LOWBIT_GEMV_EMULATE 1
 #include <ucontext.h>
 

@@ -1,7 +1,9 @@
 #!/bin/bash
-# Builds and runs the host emulation of the decode GEMV kernel
-# (tests/cpp/gemv_emulator.cu); needs nvcc and torch's headers, no GPU.
-# Usage: bash tests/cpp/run_gemv_emulator.sh [--quick]
+# Builds and runs the host emulation of the decode GEMV kernel and the
+# transposed tensor-core kernel (tests/cpp/gemv_emulator.cu); needs nvcc and
+# torch's headers, no GPU.
+# Usage: bash tests/cpp/run_gemv_emulator.sh [--quick]   (both kernels)
+#        bash tests/cpp/run_gemv_emulator.sh --tt [--quick]   (the transposed one only)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
