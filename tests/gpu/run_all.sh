@@ -30,6 +30,18 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   done
 fi
 
+step "backward: the transposed tensor-core kernel for every M (LOWBIT_GEMM_T_PATH=tc)"
+LOWBIT_GEMM_T_PATH=tc python3 -m pytest -q tests/test_gemm.py -k "backward or graph or bitsandbytes or compile or opcheck or stream" \
+  2>&1 | tee "$LOG_DIR/pytest-gemm-t-tc.log" | tail -3
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  for tool in memcheck racecheck; do
+    LOWBIT_GEMM_T_PATH=tc PYTHONPATH="python:${PYTHONPATH:-}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      python3 tests/gpu/sanitize_gemm.py > "$LOG_DIR/sanitizer-$tool-gemm-t-tc.log" 2>&1 || status=1
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOG_DIR/sanitizer-$tool-gemm-t-tc.log" | sed "s/^/$tool sanitize_gemm (tc): /"
+  done
+fi
+
 step "decode GEMV check (every variant)"
 PYTHONPATH="python:${PYTHONPATH:-}" python3 tests/gpu/gemv_check.py 2>&1 | tee "$LOG_DIR/gemv_check.log" | grep -E "^== |^FAIL" | head -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
