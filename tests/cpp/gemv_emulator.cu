@@ -302,6 +302,116 @@ void run_block(int bid, int nthreads, const std::function<void()>& body) {
 using namespace lowbit::cuda::gemv;
 namespace emu = lowbit::cuda::gemv::emu;
 
+// Host buffers, 64-byte aligned and sized exactly (the bounds checks use
+// these sizes), freed with their owner.
+struct HostBufs {
+  std::vector<void*> owned;
+  uint8_t* get(size_t n) {
+    void* q = std::aligned_alloc(64, (n + 63) / 64 * 64);
+    owned.push_back(q);
+    return static_cast<uint8_t*>(q);
+  }
+  ~HostBufs() {
+    for (void* q : owned) std::free(q);
+  }
+};
+
+// Lets the emulated kernel read (or write) n bytes at q.
+static void reg_alloc(const void* q, size_t n, bool writable) {
+  if (q) emu::S.allocs.push_back({static_cast<const uint8_t*>(q), n, writable});
+}
+
+// A random 4-bit weight [N, K] as the kernels take it: packed bytes, a
+// slightly perturbed 16-value code, plain or nested scales (nested blocks of
+// 256, offset 1.5).
+struct EmuWeight {
+  int64_t numel, nblocks, nnested;
+  int shift = 0;  // log2(blocksize)
+  uint8_t* packed;
+  float* code;
+  float* absmax = nullptr;
+  uint8_t* absmax_q = nullptr;
+  float* nested_absmax = nullptr;
+  float* nested_code = nullptr;
+  float* offset = nullptr;
+
+  EmuWeight(HostBufs& B, std::mt19937_64& rng, std::normal_distribution<float>& nd, int N, int K, int bs, bool nested) {
+    std::uniform_int_distribution<int> byte(0, 255);
+    numel = static_cast<int64_t>(N) * K;
+    nblocks = (numel + bs - 1) / bs;
+    nnested = (nblocks + 255) / 256;
+    while ((1 << shift) < bs) ++shift;
+    packed = B.get(numel / 2);
+    for (int64_t i = 0; i < numel / 2; ++i) packed[i] = static_cast<uint8_t>(byte(rng));
+    code = reinterpret_cast<float*>(B.get(64));
+    for (int i = 0; i < 16; ++i) code[i] = -1.0f + 2.0f * i / 15.0f + 0.01f * nd(rng);
+    if (nested) {
+      absmax_q = B.get(nblocks);
+      for (int64_t i = 0; i < nblocks; ++i) absmax_q[i] = static_cast<uint8_t>(byte(rng));
+      nested_absmax = reinterpret_cast<float*>(B.get(4 * nnested));
+      for (int64_t i = 0; i < nnested; ++i) nested_absmax[i] = 0.5f + std::fabs(nd(rng));
+      nested_code = reinterpret_cast<float*>(B.get(4 * 256));
+      for (int i = 0; i < 256; ++i) nested_code[i] = -1.0f + 2.0f * i / 255.0f;
+      offset = reinterpret_cast<float*>(B.get(4));
+      *offset = 1.5f;
+    } else {
+      absmax = reinterpret_cast<float*>(B.get(4 * nblocks));
+      for (int64_t i = 0; i < nblocks; ++i) absmax[i] = 0.5f + std::fabs(nd(rng));
+    }
+  }
+
+  lowbit::cuda::ScaleArgs scale_args() const {
+    lowbit::cuda::ScaleArgs s{};
+    if (absmax_q) {
+      s.absmax_q = absmax_q;
+      s.nested_absmax = nested_absmax;
+      s.nested_code = nested_code;
+      s.offset = offset;
+      s.nested_shift = 8;
+    } else {
+      s.absmax = absmax;
+    }
+    return s;
+  }
+
+  // The scale of quantization block blk, as the kernels compute it.
+  float scale(int64_t blk) const {
+    return absmax_q ? fmul_rn(nested_code[absmax_q[blk]], nested_absmax[blk >> 8]) + *offset : absmax[blk];
+  }
+
+  // The code of element e.
+  int nibble(int64_t e) const { return (e & 1) ? (packed[e >> 1] & 15) : (packed[e >> 1] >> 4); }
+
+  void register_allocs() const {
+    reg_alloc(packed, numel / 2, false);
+    reg_alloc(code, 64, false);
+    reg_alloc(absmax, absmax ? 4 * nblocks : 0, false);
+    reg_alloc(absmax_q, absmax_q ? nblocks : 0, false);
+    reg_alloc(nested_absmax, nested_absmax ? 4 * nnested : 0, false);
+    reg_alloc(nested_code, nested_code ? 4 * 256 : 0, false);
+    reg_alloc(offset, offset ? 4 : 0, false);
+  }
+};
+
+// The block's shared memory: at the same offset modulo 1 KB as its emulated
+// shared address (as generic and shared addresses of the device agree
+// there), which is 0x400 (aligned as on sm_90) or 0x430 (only to 16 bytes),
+// by the seed; filled with garbage where nothing was written.
+struct EmuSmem {
+  std::vector<uint8_t> store;
+  uint8_t* p;
+  EmuSmem(size_t bytes, uint64_t seed, bool late) : store(bytes + 2048) {
+    const uint32_t base = (seed & 1) ? 0x400 : 0x430;
+    p = store.data() + (1024 - reinterpret_cast<uintptr_t>(store.data()) % 1024) % 1024 + (base & 1023);
+    emu::S.smem = p;
+    emu::S.smem_bytes = bytes;
+    emu::S.late = late;
+    emu::kSharedBase = base;
+    emu::S.rng.seed(static_cast<uint32_t>(seed));
+    std::memset(p, 0xA5, bytes);
+  }
+};
+
 struct Case {
   bool bf16;
   bool nested;
@@ -319,37 +429,10 @@ struct Case {
 template <typename T>
 static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> byte(0, 255);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int64_t numel = static_cast<int64_t>(c.N) * c.K;
-  const int64_t nblocks = (numel + c.bs - 1) / c.bs;
-  const int nested_bs = 256;
-  const int64_t nnested = (nblocks + nested_bs - 1) / nested_bs;
-
-  // 16-byte aligned buffers sized exactly (the bounds checks use these sizes).
-  auto buf = [](size_t n) { return static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64)); };
-  uint8_t* packed = buf(numel / 2);
-  for (int64_t i = 0; i < numel / 2; ++i) packed[i] = static_cast<uint8_t>(byte(rng));
-  float* code = reinterpret_cast<float*>(buf(64));
-  for (int i = 0; i < 16; ++i) code[i] = -1.0f + 2.0f * i / 15.0f + 0.01f * nd(rng);
-  float* absmax = nullptr;
-  uint8_t* absmax_q = nullptr;
-  float* nested_absmax = nullptr;
-  float* nested_code = nullptr;
-  float* offset = nullptr;
-  if (c.nested) {
-    absmax_q = buf(nblocks);
-    for (int64_t i = 0; i < nblocks; ++i) absmax_q[i] = static_cast<uint8_t>(byte(rng));
-    nested_absmax = reinterpret_cast<float*>(buf(4 * nnested));
-    for (int64_t i = 0; i < nnested; ++i) nested_absmax[i] = 0.5f + std::fabs(nd(rng));
-    nested_code = reinterpret_cast<float*>(buf(4 * 256));
-    for (int i = 0; i < 256; ++i) nested_code[i] = -1.0f + 2.0f * i / 255.0f;
-    offset = reinterpret_cast<float*>(buf(4));
-    *offset = 1.5f;
-  } else {
-    absmax = reinterpret_cast<float*>(buf(4 * nblocks));
-    for (int64_t i = 0; i < nblocks; ++i) absmax[i] = 0.5f + std::fabs(nd(rng));
-  }
+  HostBufs B;
+  auto buf = [&](size_t n) { return B.get(n); };
+  const EmuWeight w(B, rng, nd, c.N, c.K, c.bs, c.nested);
   T* x = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.K));
   for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.K; ++i) x[i] = T(nd(rng));
   T* bias = nullptr;
@@ -382,21 +465,12 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
 
   GemvArgs a{};
   a.x = x;
-  a.packed = packed;
-  a.code = code;
-  if (c.nested) {
-    a.s.absmax_q = absmax_q;
-    a.s.nested_absmax = nested_absmax;
-    a.s.nested_code = nested_code;
-    a.s.offset = offset;
-    a.s.nested_shift = 8;
-  } else {
-    a.s.absmax = absmax;
-  }
-  int shift = 0;
-  while ((1 << shift) < c.bs) ++shift;
+  a.packed = w.packed;
+  a.code = w.code;
+  a.s = w.scale_args();
+  const int shift = w.shift;
   a.block_shift = shift;
-  a.nblocks = nblocks;
+  a.nblocks = w.nblocks;
   a.bias = bias;
   a.out = out;
   a.partial = partial;
@@ -406,34 +480,14 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
   int ring = p.warps * p.stages * p.stage_bytes, red = p.warps * p.rt * 512;
   const size_t smem_bytes =
       p.lut256 || p.bx ? static_cast<size_t>(p.smem) : static_cast<size_t>(kAlignPad + kRingOff + (ring > red ? ring : red));
-  // The buffer sits at the same offset modulo 1 KB as its emulated shared
-  // address (as generic and shared addresses of the device agree there).
-  const uint32_t base = (seed & 1) ? 0x400 : 0x430;  // aligned as on sm_90, or only to 16 bytes
-  std::vector<uint8_t> smem_store(smem_bytes + 2048);
-  uint8_t* smem = smem_store.data() + (1024 - reinterpret_cast<uintptr_t>(smem_store.data()) % 1024) % 1024 +
-                  (base & 1023);
-
   emu::S.allocs.clear();
-  auto reg = [](const void* q, size_t n, bool w) {
-    if (q) emu::S.allocs.push_back({static_cast<const uint8_t*>(q), n, w});
-  };
-  reg(packed, numel / 2, false);
-  reg(code, 64, false);
-  reg(absmax, absmax ? 4 * nblocks : 0, false);
-  reg(absmax_q, absmax_q ? nblocks : 0, false);
-  reg(nested_absmax, nested_absmax ? 4 * nnested : 0, false);
-  reg(nested_code, nested_code ? 4 * 256 : 0, false);
-  reg(offset, offset ? 4 : 0, false);
-  reg(x, 2 * static_cast<size_t>(c.M) * c.K, false);
-  reg(bias, bias ? 2 * c.N : 0, false);
-  reg(out, 2 * static_cast<size_t>(c.M) * c.N, true);
-  reg(partial, partial ? 4 * static_cast<size_t>(p.splits) * c.M * c.N : 0, true);
-  emu::S.smem = smem;
-  emu::S.smem_bytes = smem_bytes;
-  emu::S.late = c.late;
-  emu::kSharedBase = base;
-  emu::S.rng.seed(static_cast<uint32_t>(seed));
-  std::memset(smem, 0xA5, smem_bytes);  // garbage where nothing was written
+  w.register_allocs();
+  reg_alloc(x, 2 * static_cast<size_t>(c.M) * c.K, false);
+  reg_alloc(bias, bias ? 2 * c.N : 0, false);
+  reg_alloc(out, 2 * static_cast<size_t>(c.M) * c.N, true);
+  reg_alloc(partial, partial ? 4 * static_cast<size_t>(p.splits) * c.M * c.N : 0, true);
+  const EmuSmem sm(smem_bytes, seed, c.late);
+  uint8_t* smem = sm.p;
 
   std::function<void()> body;
   const int gs = p.gs;
@@ -505,16 +559,10 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
         const int64_t e = static_cast<int64_t>(n) * c.K + b0;
         const int64_t blk = e >> shift;
         const int64_t blk_end = std::min<int64_t>((blk + 1) << shift, static_cast<int64_t>(n + 1) * c.K);
-        float sc;
-        if (c.nested)
-          sc = fmul_rn(nested_code[absmax_q[blk]], nested_absmax[blk >> 8]) + *offset;
-        else
-          sc = absmax[blk];
+        const float sc = w.scale(blk);
         double part = 0.0;
         for (int64_t ee = e; ee < blk_end; ++ee) {
-          const uint8_t byte_v = packed[ee >> 1];
-          const int nib = (ee & 1) ? (byte_v & 15) : (byte_v >> 4);
-          const double cv = from_bits16<T>(bits16<T>(code[nib]));
+          const double cv = from_bits16<T>(bits16<T>(w.code[w.nibble(ee)]));
           const double xv = static_cast<float>(x[static_cast<int64_t>(m) * c.K + (ee - static_cast<int64_t>(n) * c.K)]);
           part += cv * xv;
           mag += std::fabs(cv * xv * sc);
@@ -535,11 +583,6 @@ static bool run_case_t(const Case& c, uint64_t seed, std::string& why) {
       }
       worst = std::max(worst, err / tol);
     }
-  for (void* q : {static_cast<void*>(packed), static_cast<void*>(code), static_cast<void*>(absmax),
-                  static_cast<void*>(absmax_q), static_cast<void*>(nested_absmax), static_cast<void*>(nested_code),
-                  static_cast<void*>(offset), static_cast<void*>(x), static_cast<void*>(bias), static_cast<void*>(out),
-                  static_cast<void*>(partial)})
-    std::free(q);
   return ok;
 }
 
@@ -562,31 +605,10 @@ struct TtCase {
 template <typename T>
 static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> byte(0, 255);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int64_t numel = static_cast<int64_t>(c.N) * c.K;
-  const int64_t nblocks = (numel + c.bs - 1) / c.bs;
-  const int64_t nnested = (nblocks + 255) / 256;
-  auto buf = [](size_t n) { return static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64)); };
-  uint8_t* packed = buf(numel / 2);
-  for (int64_t i = 0; i < numel / 2; ++i) packed[i] = static_cast<uint8_t>(byte(rng));
-  float* code = reinterpret_cast<float*>(buf(64));
-  for (int i = 0; i < 16; ++i) code[i] = -1.0f + 2.0f * i / 15.0f + 0.01f * nd(rng);
-  float *absmax = nullptr, *nested_absmax = nullptr, *nested_code = nullptr, *offset = nullptr;
-  uint8_t* absmax_q = nullptr;
-  if (c.nested) {
-    absmax_q = buf(nblocks);
-    for (int64_t i = 0; i < nblocks; ++i) absmax_q[i] = static_cast<uint8_t>(byte(rng));
-    nested_absmax = reinterpret_cast<float*>(buf(4 * nnested));
-    for (int64_t i = 0; i < nnested; ++i) nested_absmax[i] = 0.5f + std::fabs(nd(rng));
-    nested_code = reinterpret_cast<float*>(buf(4 * 256));
-    for (int i = 0; i < 256; ++i) nested_code[i] = -1.0f + 2.0f * i / 255.0f;
-    offset = reinterpret_cast<float*>(buf(4));
-    *offset = 1.5f;
-  } else {
-    absmax = reinterpret_cast<float*>(buf(4 * nblocks));
-    for (int64_t i = 0; i < nblocks; ++i) absmax[i] = 0.5f + std::fabs(nd(rng));
-  }
+  HostBufs B;
+  auto buf = [&](size_t n) { return B.get(n); };
+  const EmuWeight w(B, rng, nd, c.N, c.K, c.bs, c.nested);
   T* g = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.N));
   for (int64_t i = 0; i < static_cast<int64_t>(c.M) * c.N; ++i) g[i] = T(nd(rng));
   T* out = reinterpret_cast<T*>(buf(2 * static_cast<size_t>(c.M) * c.K));
@@ -604,19 +626,10 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
   }
   GemmTArgs a{};
   a.g = g;
-  a.packed = packed;
-  a.code = code;
-  if (c.nested) {
-    a.s.absmax_q = absmax_q;
-    a.s.nested_absmax = nested_absmax;
-    a.s.nested_code = nested_code;
-    a.s.offset = offset;
-    a.s.nested_shift = 8;
-  } else {
-    a.s.absmax = absmax;
-  }
-  int shift = 0;
-  while ((1 << shift) < c.bs) ++shift;
+  a.packed = w.packed;
+  a.code = w.code;
+  a.s = w.scale_args();
+  const int shift = w.shift;
   a.block_shift = shift;
   a.out = out;
   a.partial = partial;
@@ -624,31 +637,13 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
   a.g_vec = c.pairs;
   a.cw = p.cw, a.col_blocks = p.col_blocks, a.m_chunks = p.m_chunks, a.splits = p.splits, a.steps = p.steps;
 
-  const size_t smem_bytes = static_cast<size_t>(p.smem);
-  const uint32_t base = (seed & 1) ? 0x400 : 0x430;
-  std::vector<uint8_t> smem_store(smem_bytes + 2048);
-  uint8_t* smem = smem_store.data() + (1024 - reinterpret_cast<uintptr_t>(smem_store.data()) % 1024) % 1024 +
-                  (base & 1023);
   emu::S.allocs.clear();
-  auto reg = [](const void* q, size_t n, bool w) {
-    if (q) emu::S.allocs.push_back({static_cast<const uint8_t*>(q), n, w});
-  };
-  reg(packed, numel / 2, false);
-  reg(code, 64, false);
-  reg(absmax, absmax ? 4 * nblocks : 0, false);
-  reg(absmax_q, absmax_q ? nblocks : 0, false);
-  reg(nested_absmax, nested_absmax ? 4 * nnested : 0, false);
-  reg(nested_code, nested_code ? 4 * 256 : 0, false);
-  reg(offset, offset ? 4 : 0, false);
-  reg(g, 2 * static_cast<size_t>(c.M) * c.N, false);
-  reg(out, 2 * static_cast<size_t>(c.M) * c.K, true);
-  reg(partial, partial ? 4 * static_cast<size_t>(p.splits) * c.M * c.K : 0, true);
-  emu::S.smem = smem;
-  emu::S.smem_bytes = smem_bytes;
-  emu::S.late = false;
-  emu::kSharedBase = base;
-  emu::S.rng.seed(static_cast<uint32_t>(seed));
-  std::memset(smem, 0xA5, smem_bytes);
+  w.register_allocs();
+  reg_alloc(g, 2 * static_cast<size_t>(c.M) * c.N, false);
+  reg_alloc(out, 2 * static_cast<size_t>(c.M) * c.K, true);
+  reg_alloc(partial, partial ? 4 * static_cast<size_t>(p.splits) * c.M * c.K : 0, true);
+  const EmuSmem sm(static_cast<size_t>(p.smem), seed, false);
+  uint8_t* smem = sm.p;
 
   std::function<void()> body;
   auto set = [&](auto mt_c, auto nested_c) {
@@ -673,9 +668,8 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
 
   // Reference: the kernel's math in double (codes rounded to T, g * scale
   // rounded to T once).
-  std::vector<float> sc(nblocks);
-  for (int64_t b = 0; b < nblocks; ++b)
-    sc[b] = c.nested ? fmul_rn(nested_code[absmax_q[b]], nested_absmax[b >> 8]) + *offset : absmax[b];
+  std::vector<float> sc(w.nblocks);
+  for (int64_t b = 0; b < w.nblocks; ++b) sc[b] = w.scale(b);
   bool ok = true;
   std::vector<double> ref(c.K), mag(c.K);
   for (int m = 0; m < c.M && ok; ++m) {
@@ -685,9 +679,7 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
       const float gv = static_cast<float>(g[static_cast<int64_t>(m) * c.N + n]);
       for (int k = 0; k < c.K; ++k) {
         const int64_t e = static_cast<int64_t>(n) * c.K + k;
-        const uint8_t byte_v = packed[e >> 1];
-        const int nib = (e & 1) ? (byte_v & 15) : (byte_v >> 4);
-        const double cv = from_bits16<T>(bits16<T>(code[nib]));
+        const double cv = from_bits16<T>(bits16<T>(w.code[w.nibble(e)]));
         const double gs = from_bits16<T>(bits16<T>(gv * sc[e >> shift]));
         ref[k] += cv * gs;
         mag[k] += std::fabs(cv * gs);
@@ -705,11 +697,6 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
       }
     }
   }
-  for (void* q : {static_cast<void*>(packed), static_cast<void*>(code), static_cast<void*>(absmax),
-                  static_cast<void*>(absmax_q), static_cast<void*>(nested_absmax), static_cast<void*>(nested_code),
-                  static_cast<void*>(offset), static_cast<void*>(g), static_cast<void*>(out),
-                  static_cast<void*>(partial)})
-    std::free(q);
   return ok;
 }
 
