@@ -9,9 +9,10 @@
 //               M = 33..64: the same kernel once per half of the rows
 //               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
-//   gemm_4bit_t M = 2..tt_max_m (16; 32 for weights of up to 2^26
-//               elements), fp16/bf16, K % 64 == 0, blocksize >= 64: the
-//               transposed tensor-core kernel (gemm_t_kernels.cuh)
+//   gemm_4bit_t M = 2..32, fp16/bf16, K % 64 == 0, blocksize >= 64: the
+//               transposed tensor-core kernel (gemm_t_kernels.cuh;
+//               LOWBIT_GEMM_T_CW and LOWBIT_GEMM_T_PF override its planner's
+//               warps along K and L2 prefetch distance, for benchmarks)
 //               M <= 4 otherwise (M = 1 always), K % 16 == 0: the
 //               transposed GEMV
 //               otherwise: dequantize + cuBLAS
@@ -43,14 +44,12 @@ namespace {
 constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
 // Up to this many rows of g the transposed tensor-core kernel takes the
-// backward; above it, dequantize + cuBLAS. Measured on the H200: at M = 16
-// the kernel beat dequantize + cuBLAS on every shape (28672 x 8192: 183 us
-// against 264); at M = 32 only on weights of up to 2^26 elements (4096 x
-// 11008: 45 us against 60), not on 28672 x 8192 (310 against 266).
-constexpr int64_t kTtMaxM = 16;
-constexpr int64_t kTtMaxMSmall = 32;
-constexpr int64_t kTtSmallWeight = int64_t{1} << 26;
-int64_t tt_max_m(int64_t N, int64_t K) { return N * K <= kTtSmallWeight ? kTtMaxMSmall : kTtMaxM; }
+// backward; above it, dequantize + cuBLAS. Measured on the H200 (one wave of
+// blocks, the L2 prefetch off on large weights): at M = 32 the kernel beat
+// dequantize + cuBLAS on all six Llama shapes (28672 x 8192: 207 us against
+// 268; 4096 x 4096: 21.6 against 22.1); at M = 64 it streams the weight twice
+// and lost (4096 x 11008: 106 against 60).
+constexpr int64_t kTtMaxM = 32;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -445,6 +444,16 @@ TPath t_path() {
   return v;
 }
 
+// LOWBIT_GEMM_T_PF (benchmarks): the L2 prefetch distance in a warp's steps
+// (0: none); unset, the planner's choice.
+int t_pf() {
+  static const int v = [] {
+    const char* e = std::getenv("LOWBIT_GEMM_T_PF");
+    return e && *e ? std::atoi(e) : -1;
+  }();
+  return v;
+}
+
 int t_cw() {
   static const int v = [] {
     const char* e = std::getenv("LOWBIT_GEMM_T_CW");
@@ -524,6 +533,7 @@ at::Tensor gemm_t_tc(const GemmPlan& p, cudaStream_t stream) {
       a.m_chunks = t.m_chunks;
       a.splits = t.splits;
       a.steps = t.steps;
+      a.pf = t_pf() >= 0 ? t_pf() : t.pf;
       launch_tt_k<scalar_t, MT, NS>(a, t, stream);
       if (t.splits > 1) {
         const int64_t n = M * K;
@@ -558,7 +568,7 @@ at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const
   const TPath path = t_path();
   const bool gemv_ok = (dt == at::kHalf || dt == at::kBFloat16) && p.M <= kGemvTMaxM && K % 16 == 0 &&
                        (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 7u) == 0;
-  const bool tt_ok = tt_eligible(p) && (path == TPath::kTc || (path == TPath::kAuto && p.M <= tt_max_m(N, K)));
+  const bool tt_ok = tt_eligible(p) && (path == TPath::kTc || (path == TPath::kAuto && p.M <= kTtMaxM));
   // One row: the GEMV (one FMA per weight value, no m-tile padding); on the
   // H200 the tensor-core kernel was 8-9% slower on the two largest Llama
   // weights and 0-10% faster on the others. From two rows the tensor-core

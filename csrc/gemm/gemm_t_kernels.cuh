@@ -58,6 +58,7 @@ struct GemmTArgs {
   int m_chunks;           // blocks along M (8 * MT rows each)
   int splits;             // blocks along N
   int steps;              // 16-row steps covering N
+  int pf;                 // L2 prefetch distance in a warp's steps (0: none)
 };
 
 constexpr int kTtWarps = 8;
@@ -252,8 +253,8 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
   };
 
   // Each warp's steps: s_begin + nw, + nwarps, ...; the next one is loaded
-  // before the current one is computed, and one further ahead is asked into
-  // L2 (one 32-byte segment per row, lanes 0..15).
+  // before the current one is computed, and (a.pf > 0) the one a.pf steps
+  // ahead is asked into L2 (one 32-byte segment per row, lanes 0..15).
   if (col_ok) {
     TtStep<MT, NESTED> nxt;
     int st = s_begin + nw;
@@ -261,8 +262,8 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
     for (; st < s_end; st += nwarps) {
       const TtStep<MT, NESTED> cur = nxt;
       if (st + nwarps < s_end) load_step(st + nwarps, nxt);
-      const int pf = st + 2 * nwarps;
-      if (lane < 16 && pf < s_end && pf * 16 + lane < N)
+      const int pf = st + a.pf * nwarps;
+      if (a.pf > 0 && lane < 16 && pf < s_end && pf * 16 + lane < N)
         prefetch_l2(a.packed + static_cast<int64_t>(pf * 16 + lane) * half_k + k0 / 2);
       compute(cur);
     }
@@ -321,23 +322,23 @@ __global__ void __launch_bounds__(kTtThreads, 2) gemm_4bit_t_tc_kernel(const Gem
 
 struct GemmTPlan {
   bool ok = false;
-  int mt = 1, cw = 2, col_blocks = 0, m_chunks = 0, splits = 1, steps = 0, smem = 0;
+  int mt = 1, cw = 2, col_blocks = 0, m_chunks = 0, splits = 1, steps = 0, smem = 0, pf = 2;
   int64_t blocks = 0;
 };
 
 // m-tiles of 8 rows of g per block (more rows take more m chunks).
 inline int tt_mt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 4; }
 
-// cw: warps side by side along K (0: the default); bps: blocks of the
-// instantiation that fit one SM.
-inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2) {
+// Weights of at least this many elements run without the L2 prefetch
+// (measured on the H200: with it, 28672 x 8192 at M = 32 took 311 us, without
+// it 207; on weights of up to 58 M elements it gains 1-4 us at M >= 12).
+constexpr int64_t kTtNoPrefetchElems = int64_t{1} << 27;
+
+// The launch shape for cw warps side by side along K (1, 2, 4 or 8).
+inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, int bps) {
   GemmTPlan p;
-  // 32-bit element offsets: N * K < 2^32.
-  if (M < 1 || N < 1 || K < kTtK || K % kTtK != 0 || blocksize < kTtK || N > (int64_t{1} << 30) ||
-      K > (int64_t{1} << 30) || N * K >= (int64_t{1} << 32))
-    return p;
   p.mt = tt_mt(M);
-  p.cw = cw == 1 || cw == 2 || cw == 4 || cw == 8 ? cw : 2;
+  p.cw = cw;
   const int64_t tiles = K / kTtK;
   p.col_blocks = static_cast<int>((tiles + p.cw - 1) / p.cw);
   p.m_chunks = (M + 8 * p.mt - 1) / (8 * p.mt);
@@ -356,8 +357,34 @@ inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int
   p.blocks = base * splits;
   if (p.blocks >= (int64_t{1} << 31)) return p;
   p.smem = tt_smem_bytes(p.mt);
+  p.pf = N * K >= kTtNoPrefetchElems ? 0 : 2;
   p.ok = true;
   return p;
+}
+
+// The share of the resident slots a plan's last (or only) wave keeps busy.
+inline double tt_fill(const GemmTPlan& p, int sms, int bps) {
+  const int64_t slots = static_cast<int64_t>(sms) * (bps > 0 ? bps : 1);
+  const int64_t waves = (p.blocks + slots - 1) / slots;
+  return static_cast<double>(p.blocks) / static_cast<double>(waves * slots);
+}
+
+// cw: warps side by side along K (0: chosen here); bps: blocks of the
+// instantiation that fit one SM. The default is two warps along K; four when
+// that fills the slots clearly better (a K with few 128-k columns, e.g.
+// 8192 x 28672 at M <= 8: 224 blocks for 396 slots with two, 336 with four;
+// 127 -> 107 us on the H200). At equal fill two were faster (by 1-3 us at
+// M >= 12).
+inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2) {
+  // 32-bit element offsets: N * K < 2^32.
+  if (M < 1 || N < 1 || K < kTtK || K % kTtK != 0 || blocksize < kTtK || N > (int64_t{1} << 30) ||
+      K > (int64_t{1} << 30) || N * K >= (int64_t{1} << 32))
+    return GemmTPlan{};
+  if (cw == 1 || cw == 2 || cw == 4 || cw == 8) return plan_gemm_t_cw(M, N, K, sms, cw, bps);
+  const GemmTPlan two = plan_gemm_t_cw(M, N, K, sms, 2, bps);
+  const GemmTPlan four = plan_gemm_t_cw(M, N, K, sms, 4, bps);
+  if (two.ok && four.ok && tt_fill(four, sms, bps) > tt_fill(two, sms, bps) + 0.05) return four;
+  return two;
 }
 
 }  // namespace gemv

@@ -636,6 +636,7 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
   a.M = c.M, a.N = c.N, a.K = c.K;
   a.g_vec = c.pairs;
   a.cw = p.cw, a.col_blocks = p.col_blocks, a.m_chunks = p.m_chunks, a.splits = p.splits, a.steps = p.steps;
+  a.pf = p.pf;
 
   emu::S.allocs.clear();
   w.register_allocs();
@@ -700,6 +701,49 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
   return ok;
 }
 
+// The planner's launch shapes for the H200's 132 SMs, by hand: one wave of
+// blocks, four warps along K only when they fill the slots clearly better,
+// the L2 prefetch off on weights of 2^27 elements and more.
+static int run_tt_plan_cases() {
+  struct P {
+    int M;
+    int64_t N, K;
+    int bps;
+    int cw, splits, blocks, pf;
+  };
+  const P cases[] = {
+      // 8192 x 28672, M <= 8 (3 blocks per SM, 396 slots): 224 columns of two
+      // warps fill 224 slots; 112 columns of four, split 3 ways, fill 336.
+      {4, 8192, 28672, 3, 4, 3, 336, 0},
+      // M = 16 (264 slots): 224 or 2 x 112 blocks, a tie: two warps.
+      {16, 8192, 28672, 2, 2, 1, 224, 0},
+      // 4096 x 11008 (172 tiles): 86 x 4 = 344 of 396 slots, or 43 x 9 = 387.
+      {8, 4096, 11008, 3, 4, 9, 387, 2},
+      {32, 4096, 11008, 2, 2, 3, 258, 2},
+      // 28672 x 8192: 64 columns x 6 splits either way.
+      {8, 28672, 8192, 3, 2, 6, 384, 0},
+      // 4096 x 4096: at most 256 / (2 * 4) = 32 splits; 12 fill 384 slots.
+      {2, 4096, 4096, 3, 2, 12, 384, 2},
+  };
+  int fails = 0;
+  for (const P& c : cases) {
+    const GemmTPlan p = plan_gemm_t(c.M, c.N, c.K, 64, 132, 0, c.bps);
+    const bool ok = p.ok && p.cw == c.cw && p.splits == c.splits && p.blocks == c.blocks && p.pf == c.pf;
+    std::printf("%s tt plan M=%-2d %lldx%lld bps=%d: cw=%d splits=%d blocks=%lld pf=%d (want %d %d %d %d)\n",
+                ok ? "PASS" : "FAIL", c.M, static_cast<long long>(c.N), static_cast<long long>(c.K), c.bps, p.cw,
+                p.splits, static_cast<long long>(p.blocks), p.pf, c.cw, c.splits, c.blocks, c.pf);
+    fails += !ok;
+  }
+  // An explicit cw is kept.
+  const GemmTPlan q = plan_gemm_t(4, 8192, 28672, 64, 132, 2, 3);
+  if (!(q.ok && q.cw == 2 && q.blocks == 224)) {
+    std::printf("FAIL tt plan: an explicit cw = 2 was not kept (cw=%d blocks=%lld)\n", q.cw,
+                static_cast<long long>(q.blocks));
+    ++fails;
+  }
+  return fails;
+}
+
 static int run_tt_cases(bool quick) {
   std::vector<TtCase> cases;
   std::mt19937 pick(777);
@@ -719,7 +763,7 @@ static int run_tt_cases(bool quick) {
         c.K = any({64, 128, 192, 512});
         if (bs == 1024) c.K = any({192, 320, 1088});  // blocks straddle rows
         c.sms = any({1, 2, 8, 64});
-        c.cw = any({1, 2, 4, 8});
+        c.cw = any({0, 1, 2, 4, 8});  // 0: the planner's choice
         c.pairs = c.N % 4 == 0 && pick() % 4 != 0;
         cases.push_back(c);
       }
@@ -739,7 +783,9 @@ static int run_tt_cases(bool quick) {
     fails += !ok;
     ++n;
   }
-  std::printf("%d transposed cases, %d failed\n", n, fails);
+  const int plan_fails = run_tt_plan_cases();
+  std::printf("%d transposed cases, %d failed; planner cases: %d failed\n", n, fails, plan_fails);
+  fails += plan_fails;
   return fails;
 }
 
