@@ -9,12 +9,11 @@
 //               M = 33..64: the same kernel once per half of the rows
 //               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
-//   gemm_4bit_t M = 2..32, fp16/bf16, K % 64 == 0, blocksize >= 64: the
+//   gemm_4bit_t M = 1..32, fp16/bf16, K % 64 == 0, blocksize >= 64: the
 //               transposed tensor-core kernel (gemm_t_kernels.cuh;
 //               LOWBIT_GEMM_T_CW and LOWBIT_GEMM_T_PF override its planner's
 //               warps along K and L2 prefetch distance, for benchmarks)
-//               M <= 4 otherwise (M = 1 always), K % 16 == 0: the
-//               transposed GEMV
+//               M <= 4 otherwise, K % 16 == 0: the transposed GEMV
 //               otherwise: dequantize + cuBLAS
 //               (LOWBIT_GEMM_T_PATH=gemv|tc|dequant pins one path for
 //               benchmarks: the two older paths only, the tensor-core kernel
@@ -569,16 +568,16 @@ at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const
   const bool gemv_ok = (dt == at::kHalf || dt == at::kBFloat16) && p.M <= kGemvTMaxM && K % 16 == 0 &&
                        (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 7u) == 0;
   const bool tt_ok = tt_eligible(p) && (path == TPath::kTc || (path == TPath::kAuto && p.M <= kTtMaxM));
-  // One row: the GEMV (one FMA per weight value, no m-tile padding); on the
-  // H200 the tensor-core kernel was 8-9% slower on the two largest Llama
-  // weights and 0-10% faster on the others. From two rows the tensor-core
-  // kernel (1.4-1.6x faster than the GEMV at M = 2, 2.0-2.6x at M = 4).
-  if (gemv_ok && path != TPath::kTc && path != TPath::kDequant && (p.M == 1 || !tt_ok))
-    return gemv_t(p, stream).reshape(p.out_shape);
+  // The tensor-core kernel wherever it applies, from one row: at M = 1 on the
+  // H200 it beat the GEMV on five of the six Llama weights (by 3-9% up to
+  // 14336 x 4096, 12% on 8192 x 28672) and lost 8% on 28672 x 8192 (97.6 us
+  // against 90.1); at M = 2 it is 1.4-1.6x faster, at M = 4 2.0-2.6x. The
+  // GEMV takes the rows the kernel cannot (K % 64 != 0, blocksize < 64).
   if (tt_ok) {
-    at::Tensor out = gemm_t_tc(p, stream);
+    at::Tensor out = gemm_t_tc(p, stream);  // undefined if its planner refuses the shape
     if (out.defined()) return out.reshape(p.out_shape);
   }
+  if (gemv_ok && path != TPath::kTc && path != TPath::kDequant) return gemv_t(p, stream).reshape(p.out_shape);
   at::Tensor wd = dequantize_weight(p.w, N, K, dt, stream);
   return at::mm(p.a, wd).reshape(p.out_shape);
 }
