@@ -102,13 +102,17 @@ __host__ __device__ __forceinline__ uint32_t ldg_stream4(const void* p) {
 // What a lane loads for one 16-row step: its four weight words (rows 4t ..
 // 4t + 3 of the step), the raw scale of row lane % 16 (shared with the other
 // lanes by shuffles), and per m-tile the g values of its four rows (two
-// 16-bit pairs).
+// 16-bit pairs). Nothing here is computed from a loaded value: the step is
+// loaded one step before it is used, and an instruction that consumed a
+// loaded value here would wait for the load at once (ncu: a select of the
+// loaded g values took 35-54% of the kernel's stall samples).
 template <int MT, bool NESTED>
 struct TtStep {
   uint32_t w[4];
   float sa;     // the float scale, or the nested block's absmax
   uint32_t sq;  // nested: the 8-bit code
   uint32_t gv[MT][2];
+  bool rows_ok;  // the lane's four rows exist (the 4-value g path zeroes gv by it when used)
 };
 
 template <typename T, int MT, bool NESTED>
@@ -147,20 +151,19 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
   syncthreads();
   const uint32_t lut = opaque(shared_addr(smem) + lane * 4);
 
-  // Element offsets are 32-bit (the planner asks N * K < 2^32); rows past N
-  // load row 0 (a valid address) and are then zeroed, without branches.
+  // Element offsets are 32-bit (the planner asks N * K < 2^32). Rows past N
+  // load row 0 (a valid address, finite codes) and their g values are zeroed,
+  // so they add exact zeros; rows of g past M load row 0 and only feed
+  // output rows that are never stored. No branches.
   const uint32_t Ku = static_cast<uint32_t>(K);
   const uint8_t* wbase = a.packed + 4 * grp;
   const int srow = lane & 15;  // the row whose scale this lane loads
-  // g rows this lane feeds to B (row m0 + 8j + grp; rows past M read row 0
-  // and are zeroed).
+  // g rows this lane feeds to B (row m0 + 8j + grp; rows past M read row 0).
   const T* grow[MT];
-  bool g_ok[MT];
 #pragma unroll
   for (int j = 0; j < MT; ++j) {
     const int m = m0 + 8 * j + grp;
-    g_ok[j] = m < M;
-    grow[j] = static_cast<const T*>(a.g) + static_cast<int64_t>(g_ok[j] ? m : 0) * N;
+    grow[j] = static_cast<const T*>(a.g) + static_cast<int64_t>(m < M ? m : 0) * N;
   }
   const bool g_vec = a.g_vec != 0;
 
@@ -169,11 +172,10 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
     const uint32_t e0 = static_cast<uint32_t>(nb) * Ku + static_cast<uint32_t>(k0);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const bool ok = nb + i < N;
-      const uint32_t e = ok ? e0 + static_cast<uint32_t>(i) * Ku : 0u;
-      const uint32_t w = ldg_stream4(wbase + (e >> 1));
-      S.w[i] = ok ? w : 0u;
+      const uint32_t e = nb + i < N ? e0 + static_cast<uint32_t>(i) * Ku : 0u;
+      S.w[i] = ldg_stream4(wbase + (e >> 1));
     }
+    S.rows_ok = nb < N;
     {
       // Rows past N take row 0's scale: finite, and their g values are 0.
       const int n = st * 16 + srow;
@@ -189,16 +191,15 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
     for (int j = 0; j < MT; ++j) {
       if (g_vec) {  // g[m][nb .. nb + 3] in one 8-byte load (N % 4 == 0: all in or all out)
         const uint2 r = ldg(reinterpret_cast<const uint2*>(grow[j] + (nb < N ? nb : 0)));
-        const bool ok = nb < N && g_ok[j];
-        S.gv[j][0] = ok ? r.x : 0u;
-        S.gv[j][1] = ok ? r.y : 0u;
-      } else {
+        S.gv[j][0] = r.x;
+        S.gv[j][1] = r.y;
+      } else {  // odd N: per value, zeroed here (this path waits for its loads)
         const uint16_t* g16 = reinterpret_cast<const uint16_t*>(grow[j]);
         uint32_t v[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const uint32_t r = ldg(g16 + (nb + i < N ? nb + i : 0));
-          v[i] = nb + i < N && g_ok[j] ? r : 0u;
+          v[i] = nb + i < N ? r : 0u;
         }
         S.gv[j][0] = v[0] | (v[1] << 16);
         S.gv[j][1] = v[2] | (v[3] << 16);
@@ -230,7 +231,8 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
     for (int j = 0; j < MT; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float lo = from_bits16<T>(S.gv[j][h] & 0xFFFFu), hi = from_bits16<T>(S.gv[j][h] >> 16);
+        const uint32_t gw = S.rows_ok ? S.gv[j][h] : 0u;
+        const float lo = from_bits16<T>(gw & 0xFFFFu), hi = from_bits16<T>(gw >> 16);
         b[j][h] = pack2<T>(lo * sc[2 * h], hi * sc[2 * h + 1]);
       }
     // Merged bytes: high nibbles of rows (n, n+1) and low nibbles, for the
