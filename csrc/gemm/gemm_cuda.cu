@@ -9,7 +9,7 @@
 //               M = 33..64: the same kernel once per half of the rows
 //               M <= kTcMaxM, fp16/bf16, K % 256 == 0: fused tensor-core kernel
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
-//   gemm_4bit_t M = 1..32, fp16/bf16, K % 64 == 0, blocksize >= 64: the
+//   gemm_4bit_t M = 1..64, fp16/bf16, K % 64 == 0, blocksize >= 64: the
 //               transposed tensor-core kernel (gemm_t_kernels.cuh;
 //               LOWBIT_GEMM_T_CW and LOWBIT_GEMM_T_PF override its planner's
 //               warps along K and L2 prefetch distance, for benchmarks)
@@ -43,12 +43,12 @@ namespace {
 constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
 // Up to this many rows of g the transposed tensor-core kernel takes the
-// backward; above it, dequantize + cuBLAS. Measured on the H200 (one wave of
-// blocks, the L2 prefetch off on large weights): at M = 32 the kernel beat
-// dequantize + cuBLAS on all six Llama shapes (28672 x 8192: 207 us against
-// 268; 4096 x 4096: 21.6 against 22.1); at M = 64 it streams the weight twice
-// and lost (4096 x 11008: 106 against 60).
-constexpr int64_t kTtMaxM = 32;
+// backward; above it, dequantize + cuBLAS. Measured on the H200 (commit
+// 35d0828): at M = 32 the kernel took 16-128 us on the six Llama weights
+// against 22-267 for dequantize + cuBLAS; at M = 64 (two passes over the
+// weight) it won on five of them (4096 x 11008: 53 us against 60; 28672 x
+// 8192: 225 against 270) and lost on 4096 x 4096 (24.5 against 21.1).
+constexpr int64_t kTtMaxM = 64;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -569,10 +569,10 @@ at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const
                        (reinterpret_cast<uintptr_t>(p.w.packed.const_data_ptr()) & 7u) == 0;
   const bool tt_ok = tt_eligible(p) && (path == TPath::kTc || (path == TPath::kAuto && p.M <= kTtMaxM));
   // The tensor-core kernel wherever it applies, from one row: at M = 1 on the
-  // H200 it beat the GEMV on five of the six Llama weights (by 3-9% up to
-  // 14336 x 4096, 12% on 8192 x 28672) and lost 8% on 28672 x 8192 (97.6 us
-  // against 90.1); at M = 2 it is 1.4-1.6x faster, at M = 4 2.0-2.6x. The
-  // GEMV takes the rows the kernel cannot (K % 64 != 0, blocksize < 64).
+  // H200 it took 10.8-86.2 us on the six Llama weights (commit 35d0828)
+  // against 12.7-114.7 for the GEMV (commit 9f7b5cf's run); at M = 2 and 4
+  // the GEMV took 1.6-2.9x the kernel's time. The GEMV takes the rows the kernel cannot
+  // (K % 64 != 0, blocksize < 64).
   if (tt_ok) {
     at::Tensor out = gemm_t_tc(p, stream);  // undefined if its planner refuses the shape
     if (out.defined()) return out.reshape(p.out_shape);
