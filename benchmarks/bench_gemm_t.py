@@ -13,7 +13,11 @@ of repeats; beside it the ideal: (packed + scale + g + out bytes) / measured
 copy bandwidth.
 
   python benchmarks/bench_gemm_t.py [--shapes 4096x11008,...] [--ms 1,8,32]
-      [--paths auto,tc,dequant] [--cw 0] [--json out.json]
+      [--paths auto,tc,dequant] [--cw 0] [--pf -1] [--json out.json]
+
+--cw and --pf override the tensor-core kernel's planner (LOWBIT_GEMM_T_CW:
+warps side by side along K; LOWBIT_GEMM_T_PF: the L2 prefetch distance in
+steps, 0 for none) in every path's process.
 """
 import argparse
 import datetime
@@ -65,6 +69,8 @@ def main():
     ap.add_argument("--ms", default=DEFAULT_MS)
     ap.add_argument("--paths", default="auto,tc,dequant")
     ap.add_argument("--cw", type=int, default=0, help="the tensor-core kernel's warps along K (0: its default)")
+    ap.add_argument("--pf", type=int, default=-1,
+                    help="the tensor-core kernel's L2 prefetch distance in steps (0: none; -1: its default)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
@@ -84,6 +90,8 @@ def main():
         env = dict(os.environ, LOWBIT_GEMM_T_PATH=path)
         if args.cw:
             env["LOWBIT_GEMM_T_CW"] = str(args.cw)
+        if args.pf >= 0:
+            env["LOWBIT_GEMM_T_PF"] = str(args.pf)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--shapes", args.shapes, "--ms", args.ms]
         if i == 0:
             cmd.append("--bf16")
@@ -110,7 +118,7 @@ def main():
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
             json.dump({"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
-                       "commit": commit, "torch": torch.__version__, "copy_bw_gbs": bw, "cw": args.cw,
+                       "commit": commit, "torch": torch.__version__, "copy_bw_gbs": bw, "cw": args.cw, "pf": args.pf,
                        "paths": paths, "rows": table}, f, indent=1)
 
 
