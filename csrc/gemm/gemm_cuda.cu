@@ -571,8 +571,8 @@ at::Tensor gemm_4bit_t_cuda(const at::Tensor& g, const at::Tensor& packed, const
   // The tensor-core kernel wherever it applies, from one row: at M = 1 on the
   // H200 it took 10.8-86.2 us on the six Llama weights (commit 35d0828)
   // against 12.7-114.7 for the GEMV (commit 9f7b5cf's run); at M = 2 and 4
-  // the GEMV took 1.6-2.9x the kernel's time. The GEMV takes the rows the kernel cannot
-  // (K % 64 != 0, blocksize < 64).
+  // the GEMV took 1.6-2.9x the kernel's time. The GEMV takes the rows the
+  // kernel cannot (K % 64 != 0, blocksize < 64).
   if (tt_ok) {
     at::Tensor out = gemm_t_tc(p, stream);  // undefined if its planner refuses the shape
     if (out.defined()) return out.reshape(p.out_shape);

@@ -332,8 +332,9 @@ struct GemmTPlan {
 inline int tt_mt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 4; }
 
 // Weights of at least this many elements run without the L2 prefetch
-// (measured on the H200: with it, 28672 x 8192 at M = 32 took 311 us, without
-// it 207; on weights of up to 58 M elements it gains 1-4 us at M >= 12).
+// (measured on the H200 before the loads fix of 35d0828, not since: with it,
+// 28672 x 8192 at M = 32 took 311 us, without it 207; on weights of up to
+// 58 M elements it gained 1-4 us at M >= 12).
 constexpr int64_t kTtNoPrefetchElems = int64_t{1} << 27;
 
 // The launch shape for cw warps side by side along K (1, 2, 4 or 8).
@@ -375,8 +376,8 @@ inline double tt_fill(const GemmTPlan& p, int sms, int bps) {
 // instantiation that fit one SM. The default is two warps along K; four when
 // that fills the slots clearly better (a K with few 128-k columns, e.g.
 // 8192 x 28672 at M <= 8: 224 blocks for 396 slots with two, 336 with four;
-// 127 -> 107 us on the H200). At equal fill two were faster (by 1-3 us at
-// M >= 12).
+// 127 -> 107 us on the H200). At equal fill two were faster (by 1-15 us at
+// M >= 12). Both measured before the loads fix of 35d0828.
 inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2) {
   // 32-bit element offsets: N * K < 2^32.
   if (M < 1 || N < 1 || K < kTtK || K % kTtK != 0 || blocksize < kTtK || N > (int64_t{1} << 30) ||
