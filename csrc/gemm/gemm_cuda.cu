@@ -443,21 +443,19 @@ TPath t_path() {
   return v;
 }
 
+// An integer from the environment (unset or empty: `unset`).
+int env_int(const char* name, int unset) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : unset;
+}
 // LOWBIT_GEMM_T_PF (benchmarks): the L2 prefetch distance in a warp's steps
-// (0: none); unset, the planner's choice.
+// (0: none); unset, the planner's choice. Both read once per process.
 int t_pf() {
-  static const int v = [] {
-    const char* e = std::getenv("LOWBIT_GEMM_T_PF");
-    return e && *e ? std::atoi(e) : -1;
-  }();
+  static const int v = env_int("LOWBIT_GEMM_T_PF", -1);
   return v;
 }
-
 int t_cw() {
-  static const int v = [] {
-    const char* e = std::getenv("LOWBIT_GEMM_T_CW");
-    return e ? std::atoi(e) : 0;
-  }();
+  static const int v = env_int("LOWBIT_GEMM_T_CW", 0);
   return v;
 }
 
@@ -508,7 +506,7 @@ at::Tensor gemm_t_tc(const GemmPlan& p, cudaStream_t stream) {
       constexpr int MT = decltype(mt_c)::value;
       constexpr bool NS = decltype(nested_c)::value;
       const int bps = tt_blocks_per_sm<scalar_t, MT, NS>(tt_smem_bytes(MT));
-      const GemmTPlan t = plan_gemm_t(static_cast<int>(M), N, K, p.w.blocksize, sm_count(), t_cw(), bps);
+      const GemmTPlan t = plan_gemm_t(static_cast<int>(M), N, K, p.w.blocksize, sm_count(), t_cw(), bps, t_pf());
       if (!t.ok) return;
       out = at::empty({M, K}, p.a.options());
       at::Tensor partial;
@@ -532,7 +530,7 @@ at::Tensor gemm_t_tc(const GemmPlan& p, cudaStream_t stream) {
       a.m_chunks = t.m_chunks;
       a.splits = t.splits;
       a.steps = t.steps;
-      a.pf = t_pf() >= 0 ? t_pf() : t.pf;
+      a.pf = t.pf;
       launch_tt_k<scalar_t, MT, NS>(a, t, stream);
       if (t.splits > 1) {
         const int64_t n = M * K;

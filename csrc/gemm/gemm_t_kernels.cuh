@@ -338,7 +338,7 @@ inline int tt_mt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 4; }
 constexpr int64_t kTtNoPrefetchElems = int64_t{1} << 27;
 
 // The launch shape for cw warps side by side along K (1, 2, 4 or 8).
-inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, int bps) {
+inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, int bps, int pf) {
   GemmTPlan p;
   p.mt = tt_mt(M);
   p.cw = cw;
@@ -360,7 +360,7 @@ inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, in
   p.blocks = base * splits;
   if (p.blocks >= (int64_t{1} << 31)) return p;
   p.smem = tt_smem_bytes(p.mt);
-  p.pf = N * K >= kTtNoPrefetchElems ? 0 : 2;
+  p.pf = pf >= 0 ? pf : N * K >= kTtNoPrefetchElems ? 0 : 2;
   p.ok = true;
   return p;
 }
@@ -373,19 +373,21 @@ inline double tt_fill(const GemmTPlan& p, int sms, int bps) {
 }
 
 // cw: warps side by side along K (0: chosen here); bps: blocks of the
-// instantiation that fit one SM. The default is two warps along K; four when
+// instantiation that fit one SM; pf: the L2 prefetch distance in steps (-1:
+// chosen here, 0: none). The default is two warps along K; four when
 // that fills the slots clearly better (a K with few 128-k columns, e.g.
 // 8192 x 28672 at M <= 8: 224 blocks for 396 slots with two, 336 with four;
 // 127 -> 107 us on the H200). At equal fill two were faster (by 1-15 us at
 // M >= 12). Both measured before the loads fix of 35d0828.
-inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2) {
+inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2,
+                             int pf = -1) {
   // 32-bit element offsets: N * K < 2^32.
   if (M < 1 || N < 1 || K < kTtK || K % kTtK != 0 || blocksize < kTtK || N > (int64_t{1} << 30) ||
       K > (int64_t{1} << 30) || N * K >= (int64_t{1} << 32))
     return GemmTPlan{};
-  if (cw == 1 || cw == 2 || cw == 4 || cw == 8) return plan_gemm_t_cw(M, N, K, sms, cw, bps);
-  const GemmTPlan two = plan_gemm_t_cw(M, N, K, sms, 2, bps);
-  const GemmTPlan four = plan_gemm_t_cw(M, N, K, sms, 4, bps);
+  if (cw == 1 || cw == 2 || cw == 4 || cw == 8) return plan_gemm_t_cw(M, N, K, sms, cw, bps, pf);
+  const GemmTPlan two = plan_gemm_t_cw(M, N, K, sms, 2, bps, pf);
+  const GemmTPlan four = plan_gemm_t_cw(M, N, K, sms, 4, bps, pf);
   if (two.ok && four.ok && tt_fill(four, sms, bps) > tt_fill(two, sms, bps) + 0.05) return four;
   return two;
 }

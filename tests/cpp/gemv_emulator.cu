@@ -741,6 +741,12 @@ static int run_tt_plan_cases() {
                 static_cast<long long>(q.blocks));
     ++fails;
   }
+  // An explicit prefetch distance is kept (the large weight would get 0).
+  const GemmTPlan r = plan_gemm_t(8, 28672, 8192, 64, 132, 0, 3, 2);
+  if (!(r.ok && r.pf == 2)) {
+    std::printf("FAIL tt plan: an explicit pf = 2 was not kept (pf=%d)\n", r.pf);
+    ++fails;
+  }
   return fails;
 }
 
