@@ -11,8 +11,9 @@
 //               otherwise: dequantize to x's dtype (caching allocator) + cuBLAS
 //   gemm_4bit_t M = 1..64, fp16/bf16, K % 64 == 0, blocksize >= 64: the
 //               transposed tensor-core kernel (gemm_t_kernels.cuh;
-//               LOWBIT_GEMM_T_CW and LOWBIT_GEMM_T_PF override its planner's
-//               warps along K and L2 prefetch distance, for benchmarks)
+//               LOWBIT_GEMM_T_CW, LOWBIT_GEMM_T_PF and LOWBIT_GEMM_T_MAXMT
+//               override its planner's warps along K, L2 prefetch distance
+//               and largest m-tile count, for benchmarks)
 //               M <= 4 otherwise, K % 16 == 0: the transposed GEMV
 //               otherwise: dequantize + cuBLAS
 //               (LOWBIT_GEMM_T_PATH=gemv|tc|dequant pins one path for
@@ -43,11 +44,12 @@ namespace {
 constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
 // Up to this many rows of g the transposed tensor-core kernel takes the
-// backward; above it, dequantize + cuBLAS. Measured on the H200 (commit
-// 35d0828): at M = 32 the kernel took 16-128 us on the six Llama weights
-// against 22-267 for dequantize + cuBLAS; at M = 64 (two passes over the
-// weight) it won on five of them (4096 x 11008: 53 us against 60; 28672 x
-// 8192: 225 against 270) and lost on 4096 x 4096 (24.5 against 21.1).
+// backward; above it, dequantize + cuBLAS. Measured on the H200 with the
+// kernel as it is here (the scale folded with 16-bit multiplies, no L2
+// prefetch, M = 33..64 in one pass of 8 m-tiles): at M = 64 the kernel took 21.8-223
+// us on the six Llama weights against 20.9-271 for dequantize + cuBLAS (it
+// lost only on 4096 x 4096, by 0.9 us); at M = 96 dequantize + cuBLAS won
+// on all six (4096 x 11008: 60 us against 113).
 constexpr int64_t kTtMaxM = 64;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
@@ -448,14 +450,20 @@ int env_int(const char* name, int unset) {
   const char* e = std::getenv(name);
   return e && *e ? std::atoi(e) : unset;
 }
-// LOWBIT_GEMM_T_PF (benchmarks): the L2 prefetch distance in a warp's steps
-// (0: none); unset, the planner's choice. Both read once per process.
+// Benchmark knobs, each read once per process. LOWBIT_GEMM_T_PF: an L2
+// prefetch distance in a warp's steps (unset or 0: none). LOWBIT_GEMM_T_CW:
+// warps along K (unset or 0: the planner's choice). LOWBIT_GEMM_T_MAXMT: the
+// largest m-tile count, 4 or 8 (unset: 8; 4 runs M = 33..64 as two passes).
 int t_pf() {
-  static const int v = env_int("LOWBIT_GEMM_T_PF", -1);
+  static const int v = env_int("LOWBIT_GEMM_T_PF", 0);
   return v;
 }
 int t_cw() {
   static const int v = env_int("LOWBIT_GEMM_T_CW", 0);
+  return v;
+}
+int t_max_mt() {
+  static const int v = env_int("LOWBIT_GEMM_T_MAXMT", 8) == 4 ? 4 : 8;
   return v;
 }
 
@@ -499,14 +507,15 @@ at::Tensor gemm_t_tc(const GemmPlan& p, cudaStream_t stream) {
   using namespace cuda::gemv;
   const int64_t M = p.M, N = p.N, K = p.K;
   const bool nested = p.w.nested();
-  const int mt = tt_mt(static_cast<int>(M));
+  const int mt = tt_mt(static_cast<int>(M), t_max_mt());
   at::Tensor out;
   LOWBIT_DISPATCH_HALF_TYPES(p.a.scalar_type(), "gemm_4bit_t_tc", [&] {
     auto run = [&](auto mt_c, auto nested_c) {
       constexpr int MT = decltype(mt_c)::value;
       constexpr bool NS = decltype(nested_c)::value;
       const int bps = tt_blocks_per_sm<scalar_t, MT, NS>(tt_smem_bytes(MT));
-      const GemmTPlan t = plan_gemm_t(static_cast<int>(M), N, K, p.w.blocksize, sm_count(), t_cw(), bps, t_pf());
+      const GemmTPlan t = plan_gemm_t(static_cast<int>(M), N, K, p.w.blocksize, sm_count(), t_cw(), bps, t_pf(),
+                                          t_max_mt());
       if (!t.ok) return;
       out = at::empty({M, K}, p.a.options());
       at::Tensor partial;
@@ -542,7 +551,8 @@ at::Tensor gemm_t_tc(const GemmPlan& p, cudaStream_t stream) {
     auto with_mt = [&](auto nested_c) {
       if (mt == 1) run(std::integral_constant<int, 1>(), nested_c);
       else if (mt == 2) run(std::integral_constant<int, 2>(), nested_c);
-      else run(std::integral_constant<int, 4>(), nested_c);
+      else if (mt == 4) run(std::integral_constant<int, 4>(), nested_c);
+      else run(std::integral_constant<int, 8>(), nested_c);
     };
     if (nested) with_mt(std::true_type());
     else with_mt(std::false_type());

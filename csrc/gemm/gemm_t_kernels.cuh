@@ -85,6 +85,23 @@ __host__ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 #endif
 }
 
+// Two packed T values times two packed T values, each product rounded to T.
+template <typename T>
+__host__ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+#if defined(LOWBIT_GEMV_DEV)
+  uint32_t r;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  const float lo = from_bits16<T>(a & 0xFFFFu) * from_bits16<T>(b & 0xFFFFu);
+  const float hi = from_bits16<T>(a >> 16) * from_bits16<T>(b >> 16);
+  return bits16<T>(lo) | (bits16<T>(hi) << 16);
+#endif
+}
+
 // 32 bits of the weight stream, not allocated in L1.
 __host__ __device__ __forceinline__ uint32_t ldg_stream4(const void* p) {
 #if defined(LOWBIT_GEMV_DEV)
@@ -117,7 +134,7 @@ struct TtStep {
 
 template <typename T, int MT, bool NESTED>
 __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_t* smem) {
-  static_assert(MT == 1 || MT == 2 || MT == 4, "1, 2 or 4 tiles of 8 rows of g");
+  static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "1, 2, 4 or 8 tiles of 8 rows of g");
   const int tid = thread_index();
   const int lane = tid & 31, warp = tid >> 5;
   const int grp = lane >> 2, t = lane & 3;
@@ -226,15 +243,17 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
     float sc[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) sc[i] = shfl_idx(mine, 4 * t + i);
+    // B = g * scale with packed 16-bit multiplies (the scale rounded to T
+    // first): two instructions per m-tile instead of four fp32 multiplies,
+    // four conversions and two packs. Against a float32 reference the result's
+    // error is ~1.5x that of dequantize-to-T + matmul (fp32 multiplies:
+    // ~1.2x); the tests' bound is 2x.
+    const uint32_t sp[2] = {pack2<T>(sc[0], sc[1]), pack2<T>(sc[2], sc[3])};
     uint32_t b[MT][2];
 #pragma unroll
     for (int j = 0; j < MT; ++j)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t gw = S.rows_ok ? S.gv[j][h] : 0u;
-        const float lo = from_bits16<T>(gw & 0xFFFFu), hi = from_bits16<T>(gw >> 16);
-        b[j][h] = pack2<T>(lo * sc[2 * h], hi * sc[2 * h + 1]);
-      }
+      for (int h = 0; h < 2; ++h) b[j][h] = hmul2<T>(S.rows_ok ? S.gv[j][h] : 0u, sp[h]);
     // Merged bytes: high nibbles of rows (n, n+1) and low nibbles, for the
     // row pairs (4t, 4t+1) and (4t+2, 4t+3).
     const uint32_t hi01 = (S.w[0] & 0xF0F0F0F0u) | ((S.w[1] >> 4) & 0x0F0F0F0Fu);
@@ -313,9 +332,10 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
   }
 }
 
-// Up to 128 registers: two blocks per SM.
+// Up to 128 registers: two blocks per SM; MT = 8 (128 accumulators per
+// thread): one.
 template <typename T, int MT, bool NESTED>
-__global__ void __launch_bounds__(kTtThreads, 2) gemm_4bit_t_tc_kernel(const GemmTArgs a) {
+__global__ void __launch_bounds__(kTtThreads, MT == 8 ? 1 : 2) gemm_4bit_t_tc_kernel(const GemmTArgs a) {
   extern __shared__ __align__(16) uint8_t gemm_t_smem[];
   gemm_t_block<T, MT, NESTED>(a, gemm_t_smem);
 }
@@ -324,23 +344,21 @@ __global__ void __launch_bounds__(kTtThreads, 2) gemm_4bit_t_tc_kernel(const Gem
 
 struct GemmTPlan {
   bool ok = false;
-  int mt = 1, cw = 2, col_blocks = 0, m_chunks = 0, splits = 1, steps = 0, smem = 0, pf = 2;
+  int mt = 1, cw = 2, col_blocks = 0, m_chunks = 0, splits = 1, steps = 0, smem = 0, pf = 0;
   int64_t blocks = 0;
 };
 
-// m-tiles of 8 rows of g per block (more rows take more m chunks).
-inline int tt_mt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 4; }
-
-// Weights of at least this many elements run without the L2 prefetch
-// (measured on the H200 before the loads fix of 35d0828, not since: with it,
-// 28672 x 8192 at M = 32 took 311 us, without it 207; on weights of up to
-// 58 M elements it gained 1-4 us at M >= 12).
-constexpr int64_t kTtNoPrefetchElems = int64_t{1} << 27;
+// m-tiles of 8 rows of g per block (more rows take more m chunks); max_mt
+// caps it (4 or 8).
+inline int tt_mt(int M, int max_mt = 8) {
+  const int mt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  return mt < max_mt ? mt : max_mt;
+}
 
 // The launch shape for cw warps side by side along K (1, 2, 4 or 8).
-inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, int bps, int pf) {
+inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, int bps, int pf, int max_mt) {
   GemmTPlan p;
-  p.mt = tt_mt(M);
+  p.mt = tt_mt(M, max_mt);
   p.cw = cw;
   const int64_t tiles = K / kTtK;
   p.col_blocks = static_cast<int>((tiles + p.cw - 1) / p.cw);
@@ -360,7 +378,7 @@ inline GemmTPlan plan_gemm_t_cw(int M, int64_t N, int64_t K, int sms, int cw, in
   p.blocks = base * splits;
   if (p.blocks >= (int64_t{1} << 31)) return p;
   p.smem = tt_smem_bytes(p.mt);
-  p.pf = pf >= 0 ? pf : N * K >= kTtNoPrefetchElems ? 0 : 2;
+  p.pf = pf > 0 ? pf : 0;
   p.ok = true;
   return p;
 }
@@ -373,21 +391,27 @@ inline double tt_fill(const GemmTPlan& p, int sms, int bps) {
 }
 
 // cw: warps side by side along K (0: chosen here); bps: blocks of the
-// instantiation that fit one SM; pf: the L2 prefetch distance in steps (-1:
-// chosen here, 0: none). The default is two warps along K; four when
-// that fills the slots clearly better (a K with few 128-k columns, e.g.
-// 8192 x 28672 at M <= 8: 224 blocks for 396 slots with two, 336 with four;
-// 127 -> 107 us on the H200). At equal fill two were faster (by 1-15 us at
-// M >= 12). Both measured before the loads fix of 35d0828.
+// instantiation that fit one SM; pf: the L2 prefetch distance in steps (<= 0:
+// none; benchmarks only); max_mt: the largest m-tile count (8; 4 runs M > 32
+// as several passes, for comparisons).
+// - Two warps along K by default; four when that fills the slots clearly
+//   better (a K with few 128-k columns, e.g. 8192 x 28672 at M <= 8: 224
+//   blocks for 396 slots with two, 336 with four; 127 -> 107 us on the H200).
+//   At equal fill two were faster (by 1-15 us at M >= 12). Re-measured after
+//   the loads fix of 35d0828: forcing either one everywhere was slower than
+//   this rule on some shapes (by up to 13 us at M = 48).
+// - No L2 prefetch: after 35d0828 it was slower on 34 of 36 shape x M points
+//   (H200, 1-2 us on the smaller weights; distance 2 on 28672 x 8192 cost
+//   13-27 us at M >= 12).
 inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2,
-                             int pf = -1) {
+                             int pf = 0, int max_mt = 8) {
   // 32-bit element offsets: N * K < 2^32.
   if (M < 1 || N < 1 || K < kTtK || K % kTtK != 0 || blocksize < kTtK || N > (int64_t{1} << 30) ||
       K > (int64_t{1} << 30) || N * K >= (int64_t{1} << 32))
     return GemmTPlan{};
-  if (cw == 1 || cw == 2 || cw == 4 || cw == 8) return plan_gemm_t_cw(M, N, K, sms, cw, bps, pf);
-  const GemmTPlan two = plan_gemm_t_cw(M, N, K, sms, 2, bps, pf);
-  const GemmTPlan four = plan_gemm_t_cw(M, N, K, sms, 4, bps, pf);
+  if (cw == 1 || cw == 2 || cw == 4 || cw == 8) return plan_gemm_t_cw(M, N, K, sms, cw, bps, pf, max_mt);
+  const GemmTPlan two = plan_gemm_t_cw(M, N, K, sms, 2, bps, pf, max_mt);
+  const GemmTPlan four = plan_gemm_t_cw(M, N, K, sms, 4, bps, pf, max_mt);
   if (two.ok && four.ok && tt_fill(four, sms, bps) > tt_fill(two, sms, bps) + 0.05) return four;
   return two;
 }

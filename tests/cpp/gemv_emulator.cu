@@ -655,7 +655,8 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
   auto set_mt = [&](auto nested_c) {
     if (p.mt == 1) set(std::integral_constant<int, 1>(), nested_c);
     else if (p.mt == 2) set(std::integral_constant<int, 2>(), nested_c);
-    else set(std::integral_constant<int, 4>(), nested_c);
+    else if (p.mt == 4) set(std::integral_constant<int, 4>(), nested_c);
+    else set(std::integral_constant<int, 8>(), nested_c);
   };
   if (c.nested) set_mt(std::true_type()); else set_mt(std::false_type());
   for (int64_t b = 0; b < p.blocks; ++b) emu::run_block(static_cast<int>(b), kTtThreads, body);
@@ -667,8 +668,8 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
     }
   }
 
-  // Reference: the kernel's math in double (codes rounded to T, g * scale
-  // rounded to T once).
+  // Reference: the kernel's math in double (codes rounded to T, the scale
+  // rounded to T, g * scale rounded to T).
   std::vector<float> sc(w.nblocks);
   for (int64_t b = 0; b < w.nblocks; ++b) sc[b] = w.scale(b);
   bool ok = true;
@@ -681,7 +682,7 @@ static bool run_tt_t(const TtCase& c, uint64_t seed, std::string& why) {
       for (int k = 0; k < c.K; ++k) {
         const int64_t e = static_cast<int64_t>(n) * c.K + k;
         const double cv = from_bits16<T>(bits16<T>(w.code[w.nibble(e)]));
-        const double gs = from_bits16<T>(bits16<T>(gv * sc[e >> shift]));
+        const double gs = from_bits16<T>(bits16<T>(gv * from_bits16<T>(bits16<T>(sc[e >> shift]))));
         ref[k] += cv * gs;
         mag[k] += std::fabs(cv * gs);
       }
@@ -718,12 +719,15 @@ static int run_tt_plan_cases() {
       // M = 16 (264 slots): 224 or 2 x 112 blocks, a tie: two warps.
       {16, 8192, 28672, 2, 2, 1, 224, 0},
       // 4096 x 11008 (172 tiles): 86 x 4 = 344 of 396 slots, or 43 x 9 = 387.
-      {8, 4096, 11008, 3, 4, 9, 387, 2},
-      {32, 4096, 11008, 2, 2, 3, 258, 2},
+      {8, 4096, 11008, 3, 4, 9, 387, 0},
+      {32, 4096, 11008, 2, 2, 3, 258, 0},
+      // M = 64 in one pass (MT = 8, one block per SM, 132 slots): 86 blocks
+      // of two warps, or 43 columns of four split 3 ways = 129.
+      {64, 4096, 11008, 1, 4, 3, 129, 0},
       // 28672 x 8192: 64 columns x 6 splits either way.
       {8, 28672, 8192, 3, 2, 6, 384, 0},
       // 4096 x 4096: at most 256 / (2 * 4) = 32 splits; 12 fill 384 slots.
-      {2, 4096, 4096, 3, 2, 12, 384, 2},
+      {2, 4096, 4096, 3, 2, 12, 384, 0},
   };
   int fails = 0;
   for (const P& c : cases) {
@@ -741,10 +745,23 @@ static int run_tt_plan_cases() {
                 static_cast<long long>(q.blocks));
     ++fails;
   }
-  // An explicit prefetch distance is kept (the large weight would get 0).
+  // An explicit prefetch distance is kept (the default is none).
   const GemmTPlan r = plan_gemm_t(8, 28672, 8192, 64, 132, 0, 3, 2);
   if (!(r.ok && r.pf == 2)) {
     std::printf("FAIL tt plan: an explicit pf = 2 was not kept (pf=%d)\n", r.pf);
+    ++fails;
+  }
+  // max_mt = 4: M = 64 as two m chunks of 32 rows (2 blocks per SM: 172 or
+  // 86 x 3 = 258 blocks).
+  const GemmTPlan u = plan_gemm_t(64, 4096, 11008, 64, 132, 0, 2, 0, 4);
+  if (!(u.ok && u.mt == 4 && u.m_chunks == 2 && u.cw == 4 && u.blocks == 258)) {
+    std::printf("FAIL tt plan: max_mt = 4 at M = 64 (mt=%d m_chunks=%d cw=%d blocks=%lld)\n", u.mt, u.m_chunks,
+                u.cw, static_cast<long long>(u.blocks));
+    ++fails;
+  }
+  const GemmTPlan v = plan_gemm_t(64, 4096, 11008, 64, 132, 0, 1);
+  if (!(v.ok && v.mt == 8 && v.m_chunks == 1)) {
+    std::printf("FAIL tt plan: M = 64 should be one m chunk of MT = 8 (mt=%d m_chunks=%d)\n", v.mt, v.m_chunks);
     ++fails;
   }
   return fails;
@@ -759,7 +776,7 @@ static int run_tt_cases(bool quick) {
   // partial last step), one or several N splits, several m chunks.
   for (int bs : {64, 128, 256, 1024})
     for (bool nested : {false, true})
-      for (int M : {1, 5, 8, 9, 16, 17, 32, 40}) {
+      for (int M : {1, 5, 8, 9, 16, 17, 32, 40, 64}) {
         TtCase c{};
         c.bf16 = pick() % 2;
         c.nested = nested;
