@@ -13,11 +13,13 @@ of repeats; beside it the ideal: (packed + scale + g + out bytes) / measured
 copy bandwidth.
 
   python benchmarks/bench_gemm_t.py [--shapes 4096x11008,...] [--ms 1,8,32]
-      [--paths auto,tc,dequant] [--cw 0] [--pf -1] [--json out.json]
+      [--paths auto,tc,dequant] [--cw 0] [--pf 0] [--max-mt 8] [--json out.json]
 
---cw and --pf override the tensor-core kernel's planner (LOWBIT_GEMM_T_CW:
-warps side by side along K; LOWBIT_GEMM_T_PF: the L2 prefetch distance in
-steps, 0 for none) in every path's process.
+--cw, --pf and --max-mt override the tensor-core kernel's planner
+(LOWBIT_GEMM_T_CW: warps side by side along K; LOWBIT_GEMM_T_PF: an L2
+prefetch distance in steps, none by default; LOWBIT_GEMM_T_MAXMT: 4 runs
+M = 33..64 as two passes of 4 m-tiles instead of one of 8) in every path's
+process.
 """
 import argparse
 import datetime
@@ -69,8 +71,10 @@ def main():
     ap.add_argument("--ms", default=DEFAULT_MS)
     ap.add_argument("--paths", default="auto,tc,dequant")
     ap.add_argument("--cw", type=int, default=0, help="the tensor-core kernel's warps along K (0: its default)")
-    ap.add_argument("--pf", type=int, default=-1,
-                    help="the tensor-core kernel's L2 prefetch distance in steps (0: none; -1: its default)")
+    ap.add_argument("--pf", type=int, default=0,
+                    help="the tensor-core kernel's L2 prefetch distance in steps (0: none, its default)")
+    ap.add_argument("--max-mt", type=int, default=8, choices=(4, 8),
+                    help="the tensor-core kernel's largest m-tile count (8: its default)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
@@ -90,8 +94,10 @@ def main():
         env = dict(os.environ, LOWBIT_GEMM_T_PATH=path)
         if args.cw:
             env["LOWBIT_GEMM_T_CW"] = str(args.cw)
-        if args.pf >= 0:
+        if args.pf > 0:
             env["LOWBIT_GEMM_T_PF"] = str(args.pf)
+        if args.max_mt != 8:
+            env["LOWBIT_GEMM_T_MAXMT"] = str(args.max_mt)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--shapes", args.shapes, "--ms", args.ms]
         if i == 0:
             cmd.append("--bf16")

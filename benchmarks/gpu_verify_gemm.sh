@@ -15,9 +15,9 @@ $PY -X faulthandler -m pytest -v tests/test_gemm.py -k "graph_capture" 2>&1 | te
 # The backward's tensor-core kernel for every M the tests use (M = 1 and M > 32 included).
 LOWBIT_GEMM_T_PATH=tc $PY -X faulthandler -m pytest -q tests/test_gemm.py -k "backward or graph or bitsandbytes" 2>&1 \
   | tee "$OUT/tests_gemm_t_tc.log" | tail -2
-# The same with the plan it takes on large weights (no L2 prefetch, four warps along K).
-LOWBIT_GEMM_T_PATH=tc LOWBIT_GEMM_T_PF=0 LOWBIT_GEMM_T_CW=4 $PY -X faulthandler -m pytest -q tests/test_gemm.py \
-  -k "backward or graph or bitsandbytes" 2>&1 | tee "$OUT/tests_gemm_t_tc_pf0_cw4.log" | tail -2
+# The same with the other plan shapes: four warps along K, M > 32 as passes of 4 m-tiles.
+LOWBIT_GEMM_T_PATH=tc LOWBIT_GEMM_T_MAXMT=4 LOWBIT_GEMM_T_CW=4 $PY -X faulthandler -m pytest -q tests/test_gemm.py \
+  -k "backward or graph or bitsandbytes" 2>&1 | tee "$OUT/tests_gemm_t_tc_mt4_cw4.log" | tail -2
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --print-limit 20 $PY tests/gpu/sanitize_gemm.py > "$OUT/$tool.log" 2>&1
   echo "$tool: $(tail -2 "$OUT/$tool.log" | tr '\n' ' ')"

@@ -42,15 +42,15 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   done
 fi
 
-step "backward: the same with the large-weight plan (no L2 prefetch, four warps along K)"
-LOWBIT_GEMM_T_PATH=tc LOWBIT_GEMM_T_PF=0 LOWBIT_GEMM_T_CW=4 python3 -m pytest -q tests/test_gemm.py \
-  -k "backward or graph or bitsandbytes or compile or opcheck or stream" 2>&1 | tee "$LOG_DIR/pytest-gemm-t-tc-pf0-cw4.log" | tail -3
+step "backward: the same with four warps along K and M > 32 as passes of 4 m-tiles"
+LOWBIT_GEMM_T_PATH=tc LOWBIT_GEMM_T_MAXMT=4 LOWBIT_GEMM_T_CW=4 python3 -m pytest -q tests/test_gemm.py \
+  -k "backward or graph or bitsandbytes or compile or opcheck or stream" 2>&1 | tee "$LOG_DIR/pytest-gemm-t-tc-mt4-cw4.log" | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ -z "${SKIP_SANITIZER:-}" ]; then
-  LOWBIT_GEMM_T_PATH=tc LOWBIT_GEMM_T_PF=0 LOWBIT_GEMM_T_CW=4 PYTHONPATH="python:${PYTHONPATH:-}" \
+  LOWBIT_GEMM_T_PATH=tc LOWBIT_GEMM_T_MAXMT=4 LOWBIT_GEMM_T_CW=4 PYTHONPATH="python:${PYTHONPATH:-}" \
     compute-sanitizer --tool memcheck --error-exitcode 9 python3 tests/gpu/sanitize_gemm.py \
-    > "$LOG_DIR/sanitizer-memcheck-gemm-t-tc-pf0-cw4.log" 2>&1 || status=1
-  grep -E "ERROR SUMMARY" "$LOG_DIR/sanitizer-memcheck-gemm-t-tc-pf0-cw4.log" | sed "s/^/memcheck sanitize_gemm (tc, pf0, cw4): /"
+    > "$LOG_DIR/sanitizer-memcheck-gemm-t-tc-mt4-cw4.log" 2>&1 || status=1
+  grep -E "ERROR SUMMARY" "$LOG_DIR/sanitizer-memcheck-gemm-t-tc-mt4-cw4.log" | sed "s/^/memcheck sanitize_gemm (tc, mt4, cw4): /"
 fi
 
 step "decode GEMV check (every variant)"
