@@ -45,11 +45,11 @@ constexpr int64_t kTcMaxM = 32;
 constexpr int64_t kGemvTMaxM = 4;
 // Up to this many rows of g the transposed tensor-core kernel takes the
 // backward; above it, dequantize + cuBLAS. Measured on the H200 with the
-// kernel as it is here (the scale folded with 16-bit multiplies, no L2
-// prefetch, M = 33..64 in one pass of 8 m-tiles): at M = 64 the kernel took 21.8-223
-// us on the six Llama weights against 20.9-271 for dequantize + cuBLAS (it
-// lost only on 4096 x 4096, by 0.9 us); at M = 96 dequantize + cuBLAS won
-// on all six (4096 x 11008: 60 us against 113).
+// kernel of commit 73f89a7 (the scale folded with 16-bit multiplies, no L2
+// prefetch, M = 33..64 in one pass of 8 m-tiles): at M = 64 the kernel took
+// 21.8-223 us on the six Llama weights against 20.9-271 for dequantize +
+// cuBLAS (it lost only on 4096 x 4096, by 0.9 us); at M = 96 dequantize +
+// cuBLAS won on all six (4096 x 11008: 60 us against 113).
 constexpr int64_t kTtMaxM = 64;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }

@@ -289,8 +289,8 @@ __host__ __device__ __forceinline__ void gemm_t_block(const GemmTArgs& a, uint8_
       // Two step buffers used in turn (a loop body of two steps). With the
       // copy below, ncu (M = 1, 4096 x 11008) found 22% of the stall samples
       // on a register move of the copy, which waits for the load it copies.
-      // On the H200 this form was 0-5% faster at M <= 8 and 5-12% slower at
-      // M = 12..32, so only MT = 1 takes it.
+      // On the H200 this form was 0-5% faster at M <= 8 and 2-13% slower at
+      // M = 12..64, so only MT = 1 takes it.
       TtStep<MT, NESTED> s0, s1;
       int st = s_begin + nw;
       if (st < s_end) load_step(st, s0);
@@ -423,12 +423,12 @@ inline double tt_fill(const GemmTPlan& p, int sms, int bps) {
 // - Two warps along K by default; four when that fills the slots clearly
 //   better (a K with few 128-k columns, e.g. 8192 x 28672 at M <= 8: 224
 //   blocks for 396 slots with two, 336 with four; 127 -> 107 us on the H200).
-//   At equal fill two were faster (by 1-15 us at M >= 12). Re-measured after
-//   the loads fix of 35d0828: forcing either one everywhere was slower than
-//   this rule on some shapes (by up to 13 us at M = 48).
-// - No L2 prefetch: after 35d0828 it was slower on 34 of 36 shape x M points
-//   (H200, 1-2 us on the smaller weights; distance 2 on 28672 x 8192 cost
-//   13-27 us at M >= 12).
+//   At equal fill two were faster (by 1-15 us at M >= 12, before the loads
+//   fix of 35d0828). Re-measured after it: forcing either one everywhere was
+//   slower than this rule on some shapes (by up to 13 us at M = 48).
+// - No L2 prefetch: after 35d0828 the kernel was faster without it at 35 of
+//   36 shape x M points (H200, 1-2 us on the smaller weights; a distance of
+//   2 cost 12-28 us on 28672 x 8192 at every M).
 inline GemmTPlan plan_gemm_t(int M, int64_t N, int64_t K, int64_t blocksize, int sms, int cw = 0, int bps = 2,
                              int pf = 0, int max_mt = 8) {
   // 32-bit element offsets: N * K < 2^32.
